@@ -1,0 +1,1 @@
+"""allinone: continual multitask training for all-in-one image restoration."""
