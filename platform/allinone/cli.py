@@ -21,7 +21,16 @@ from allinone.sources import SourceError
 
 USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Errors of the heavier modules are imported only when a command got that far.
+    from allinone.curriculum import CurriculumError
+    from allinone.run import ClusterError
+    from allinone.tracking import TrackingError
+
+    return (*USER_ERRORS, CurriculumError, ClusterError, TrackingError)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 shards_app = typer.Typer(no_args_is_help=True, help="Build and verify WebDataset shards.")
 models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate task and pipeline configs.")
@@ -36,7 +45,7 @@ errors = Console(stderr=True)
 def main() -> None:
     try:
         app()
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
@@ -116,3 +125,30 @@ def config_check(paths: Annotated[list[Path], typer.Argument(help="Task or pipel
         else:
             load_pipeline(path)
         console.print(f"{path}: [green]ok[/]")
+
+
+# --------------------------------------------------------------------------- running
+@app.command("run")
+def run(
+    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline, e.g. pipelines/quickstart.yaml")],
+    workdir: Annotated[Path | None, typer.Option(help="Default: ./runs/<pipeline name>")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
+) -> None:
+    """Run a whole curriculum: shards, stages, evaluation, registration."""
+    from allinone.run import RunOptions, run_pipeline
+
+    pipeline = load_pipeline(pipeline_yaml)
+    options = RunOptions(workdir or Path("runs") / pipeline.config.name, tracking_uri, address, resume)
+    summary = run_pipeline(pipeline, options, say=console.print)
+    _print_matrix(summary)
+
+
+def _print_matrix(summary: dict) -> None:
+    tasks = summary["tasks"]
+    table = Table("stage", *tasks, title="PSNR (dB) on each task's test split after each stage")
+    for stage, scores in summary["matrix"].items():
+        table.add_row(stage, *(f"{scores[t]:.2f}" for t in tasks))
+    console.print(table)
+    console.print(f"average PSNR after the last stage: {summary['final']['final/average_psnr']:.2f} dB")

@@ -206,6 +206,7 @@ def write_shard(request: BuildRequest, index: int, specs: list[SampleSpec]) -> S
                 if note:
                     conversions[spec.item.gt] = note
         digest = sha256_file(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shards are read by other users' jobs
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -332,6 +333,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".part", dir=out)
     with os.fdopen(fd, "w") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

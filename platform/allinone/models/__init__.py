@@ -19,6 +19,7 @@ from allinone.models.base import (
 
 # Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
 from allinone.models import promptir, mioir, pip  # noqa: E402,F401,I001
+from allinone.models import clip_prompt, perceiver  # noqa: E402,F401,I001
 
 __all__ = [
     "DEFAULT_TASKS",

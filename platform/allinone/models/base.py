@@ -9,7 +9,7 @@ returns a :class:`Restoration` carrying degradation logits and named regulariser
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,14 @@ class RestorationModel(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    def prompt_parameters(self) -> Iterator[nn.Parameter]:
+        """The prompt machinery's parameters, e.g. to tune prompts alone or give them their own LR.
+
+        By default every parameter whose qualified name contains "prompt"; a model whose names
+        do not say so overrides this.
+        """
+        return (p for name, p in self.named_parameters() if "prompt" in name)
 
     def restore(self, x: Tensor, task_id: Tensor | None) -> Restoration:
         raise NotImplementedError  # abstract: every registered model overrides it

@@ -1,0 +1,79 @@
+"""Model zoo on this machine's CPU: size of every preset, training speed of every tiny preset.
+
+    .venv/bin/python benchmarks/models.py [--batch 4] [--crop 128] [--repeats 5]
+
+Speed is one forward + backward pass (no optimizer) per crop, the median of ``--repeats`` timed
+passes after warm-up, and a throughput ratio against promptir's tiny preset measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from allinone import models
+
+BASELINE = "promptir"
+
+
+def parameters_of(name: str, preset: str) -> int | None:
+    # On the meta device nothing is allocated, so even a paper-size preset costs no memory.
+    try:
+        with torch.device("meta"):
+            return models.count_parameters(models.build(name, preset))
+    except Exception:  # a builder that needs real tensors (e.g. loads weights) is skipped
+        return None
+
+
+def seconds_per_crop(name: str, batch: int, crop: int, warmup: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    model = models.build(name, "tiny")
+    x = torch.rand(batch, 3, crop, crop)
+    timings = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        model(x).square().mean().backward()
+        if i >= warmup:
+            timings.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return statistics.median(timings) / batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    names = sorted(models.MODELS)
+    speed = {
+        name: seconds_per_crop(name, args.batch, args.crop, args.warmup, args.repeats)
+        for name in names
+    }
+    print(
+        f"tiny presets, forward+backward, batch {args.batch} x {args.crop}x{args.crop}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+    )
+    print(f"| model | params | ms / crop | throughput vs {BASELINE} tiny |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        params = parameters_of(name, "tiny")
+        ratio = speed[BASELINE] / speed[name] if BASELINE in speed else float("nan")
+        print(f"| {name} | {params:,} | {speed[name] * 1000:.1f} | {ratio:.2f}x |")
+
+    print("\nparameters of every preset\n")
+    print("| model | preset | params |")
+    print("|---|---|---:|")
+    for name in names:
+        for preset in models.MODELS[name].presets:
+            params = parameters_of(name, preset)
+            print(f"| {name} | {preset} | {'n/a' if params is None else f'{params:,}'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from allinone.cli import main
+
+main()

@@ -1,0 +1,209 @@
+"""The main job: a curriculum of stages, each a Ray Train + DeepSpeed fit, evaluated and tracked.
+
+``cumulative`` (MiOIR's sequential learning): stage k trains tasks 1..k from stage k-1's weights,
+optimizer and schedule restarted. ``sequential``: only task k in stage k. ``mixed``: one stage with
+every task for the whole budget, the baseline. After every stage each task's test split is scored,
+so the run ends with a task x stage PSNR matrix.
+
+The work directory holds everything a run needs to continue: shards, Ray Train's checkpoints, each
+finished stage's weights and ``state.json``. ``--resume`` skips finished stages and restarts the
+unfinished one from its last checkpoint (Ray Train restores a run of the same name and storage).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from allinone.config import Pipeline, resolve_source
+from allinone.shards import BuildRequest, build_shards
+from allinone.train import STATE_FILE, WEIGHTS_FILE, StageJob, job_dict
+
+STATE = "state.json"
+
+
+class CurriculumError(RuntimeError):
+    """A stage that cannot continue; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    tasks: tuple[str, ...]  # trained in this stage
+    steps: int
+
+
+def plan_stages(pipeline: Pipeline) -> list[Stage]:
+    config = pipeline.config
+    tasks, steps, mode = config.tasks, config.curriculum.steps, config.curriculum.mode
+    if mode == "mixed":
+        return [Stage(0, "mixed", tuple(tasks), steps[0])]
+    stages = []
+    for k, task in enumerate(tasks):
+        trained = tuple(tasks[: k + 1]) if mode == "cumulative" else (task,)
+        stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k]))
+    return stages
+
+
+# --------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """What a work directory remembers between driver processes."""
+
+    pipeline: str
+    parent_run_id: str | None = None
+    stage_runs: dict[str, str] = field(default_factory=dict)  # stage name -> MLflow run id
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> weights, scores
+    attempt: str = ""  # suffix of Ray Train run names; a fresh run never picks up old checkpoints
+
+    @classmethod
+    def open(cls, workdir: Path, pipeline: Pipeline, resume: bool) -> RunState:
+        path = workdir / STATE
+        if not path.is_file():
+            return cls(pipeline=pipeline.config.name, attempt=os.urandom(4).hex())
+        if not resume:
+            raise CurriculumError(f"{workdir} holds an earlier run of {pipeline.config.name}: "
+                                  "pass --resume to continue it, or choose another --workdir")
+        state = cls(**json.loads(path.read_text()))
+        if state.pipeline != pipeline.config.name:
+            raise CurriculumError(f"{path}: belongs to pipeline {state.pipeline!r}, "
+                                  f"not {pipeline.config.name!r}")
+        return state
+
+    def save(self, workdir: Path) -> None:
+        _write_atomic(workdir / STATE, json.dumps(asdict(self), indent=2))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- data
+def shard_folder(workdir: Path, task: str, split: str) -> Path:
+    return workdir / "shards" / task / split
+
+
+def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build=print) -> None:
+    """Build (or resume) every task's train and test shards in the work directory."""
+    config = pipeline.config
+    for name, task in pipeline.tasks.items():
+        for split in ("train", "test"):
+            override = config.data.train_source if split == "train" else config.data.test_source
+            if override and task.kind == "paired":
+                override = None  # a clean-photo folder is no paired dataset
+            source, origin, field_name = _split_source(pipeline, name, split, override)
+            resolved = resolve_source(source, origin.parent, origin, field_name)
+            request = BuildRequest(task, split, str(resolved), shard_folder(workdir, name, split),
+                                   config.data.samples_per_shard, config.seed)
+            manifest = build_shards(request, workers=workers)
+            on_build(f"shards {name}/{split}: {manifest['samples']} samples")
+
+
+def _split_source(pipeline: Pipeline, task: str, split: str, override: str | None):
+    if override:
+        return override, pipeline.path, f"data.{split}_source"
+    source = pipeline.tasks[task].split(split).source
+    path = pipeline.task_path(task)
+    if source is None:
+        from allinone.config import ConfigError
+
+        raise ConfigError(path, f"{split}.source", "no source configured for this split")
+    return source, path, f"{split}.source"
+
+
+# --------------------------------------------------------------------------- one stage
+@dataclass
+class StageResult:
+    weights: Path
+    steps: int
+
+
+def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
+              init_weights: Path | None, tracking_uri: str, run_id: str,
+              fault: dict[str, Any] | None = None) -> StageResult:
+    """Train one stage under Ray Train; returns the stage's final weights in the work dir."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = pipeline.config
+    train = config.train
+    job = StageJob(
+        stage=stage.index, stage_name=stage.name, steps=stage.steps,
+        model={"name": config.model.name, "preset": config.model.preset,
+               "overrides": config.model.overrides},
+        task_names=list(config.tasks), train=train.model_dump(mode="json"),
+        batch_size=config.data.batch_size, seed=config.seed + 1000 * stage.index,
+        init_weights=str(init_weights) if init_weights else None,
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, **(fault or {}),
+    )
+    trainer = TorchTrainer(
+        _train_stage_entry,
+        train_loop_config=job_dict(job),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=_worker_resources(train)),
+        run_config=RunConfig(
+            name=f"{config.name}-{stage.name}-{state.attempt}",
+            storage_path=str((workdir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": stage_dataset(pipeline, workdir, stage)},
+    )
+    result = trainer.fit()
+    return _collect(result, workdir, stage)
+
+
+def _train_stage_entry(config: dict[str, Any]) -> None:
+    from allinone.train import train_stage
+
+    train_stage(config)
+
+
+def _worker_resources(train) -> dict[str, float]:
+    # One logical CPU per worker; the driver starts Ray with spare logical CPUs for Ray Data's
+    # readers (DESIGN.md: with none left, a 2-worker run deadlocks). Threads are set separately.
+    return {"CPU": 1.0}
+
+
+def stage_dataset(pipeline: Pipeline, workdir: Path, stage: Stage):
+    from allinone.stream import StreamPlan, task_shards, training_dataset
+
+    config = pipeline.config
+    ids = {name: i for i, name in enumerate(config.tasks)}
+    plan = StreamPlan(
+        tasks=tuple(task_shards(shard_folder(workdir, t, "train"), t, ids[t]) for t in stage.tasks),
+        weights=dict(config.curriculum.weights), crop=config.data.crop,
+        samples=stage.steps * config.data.batch_size * config.train.num_workers,
+        seed=config.seed + stage.index,
+    )
+    return training_dataset(plan)
+
+
+def _collect(result, workdir: Path, stage: Stage) -> StageResult:
+    metrics = result.metrics or {}
+    if metrics.get("nonfinite_step", -1) > 0:
+        raise CurriculumError(
+            f"stage {stage.name}: loss became non-finite ({metrics.get('loss')}) at step "
+            f"{metrics['nonfinite_step']}; the last good checkpoint is kept in {workdir / 'ray'}")
+    if result.error:
+        raise CurriculumError(f"stage {stage.name} failed: {result.error}")
+    if result.checkpoint is None or not metrics.get("final"):
+        raise CurriculumError(f"stage {stage.name}: training ended without its final checkpoint")
+    target = workdir / "stages" / stage.name
+    with result.checkpoint.as_directory() as folder:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_FILE, STATE_FILE):
+            shutil.copy2(Path(folder) / name, target / f".{name}.part")
+            os.replace(target / f".{name}.part", target / name)
+    return StageResult(target / WEIGHTS_FILE, int(metrics["step"]))

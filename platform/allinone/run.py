@@ -1,0 +1,143 @@
+"""``allinone run``: shards, then every curriculum stage, evaluated and tracked, then registration.
+
+The driver owns no training: it prepares data, starts each stage's TorchTrainer, scores the
+stage's weights on every task's test split, logs to MLflow and records progress in the work
+directory so that ``--resume`` continues where a killed driver stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from allinone import tracking
+from allinone.config import Pipeline
+from allinone.curriculum import (
+    RunState,
+    Stage,
+    fit_stage,
+    plan_stages,
+    prepare_shards,
+    shard_folder,
+)
+
+
+class ClusterError(RuntimeError):
+    """A Ray address that does not answer."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workdir: Path
+    tracking_uri: str | None = None
+    address: str | None = None
+    resume: bool = False
+    register: bool = True
+    fault: dict[str, Any] | None = None  # test hook: kill a worker once at a step
+
+
+def start_ray(address: str | None) -> None:
+    """Join the given cluster, the job's cluster (RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Spare logical CPUs for Ray Data's readers: on 2 cores a 2-worker trainer would
+            # otherwise take every CPU and the stream would starve (DESIGN.md).
+            cores = os.cpu_count() or 2
+            ray.init(address="local", num_cpus=max(4, 2 * cores), include_dashboard=False)
+    except (ConnectionError, TimeoutError, RuntimeError) as err:
+        raise ClusterError(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
+                           f"does not answer: {str(err).splitlines()[0]}") from None
+
+
+def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str, Any]:
+    """Run a whole curriculum; returns the task x stage PSNR matrix and the final scores."""
+    import mlflow
+
+    workdir = options.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
+    experiment = tracking.connect(uri, pipeline.config.name)
+    state = RunState.open(workdir, pipeline, options.resume)
+    start_ray(options.address)
+    prepare_shards(pipeline, workdir, on_build=say)
+
+    matrix: dict[str, dict[str, float]] = {}
+    with tracking.run(state.parent_run_id, experiment, pipeline.config.name) as parent_id:
+        if state.parent_run_id is None:
+            state.parent_run_id = parent_id
+            state.save(workdir)
+            _log_config(pipeline)
+        weights = None
+        for stage in plan_stages(pipeline):
+            if stage.name in state.finished:
+                say(f"{stage.name}: finished earlier, skipped")
+                weights = Path(state.finished[stage.name]["weights"])
+                matrix[stage.name] = state.finished[stage.name]["psnr"]
+                continue
+            weights, scores = _run_stage(pipeline, workdir, stage, state, weights, uri,
+                                         experiment, options, say)
+            matrix[stage.name] = scores
+        summary = _summarise(pipeline, matrix)
+        mlflow.log_metrics(summary["final"])
+        tracking.log_json(summary, "results/summary.json")
+        if options.register:
+            from allinone.registry import register_weights
+
+            summary["registered"] = register_weights(pipeline, weights, summary, say)
+    return summary
+
+
+def _run_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
+               weights: Path | None, uri: str, experiment: str, options: RunOptions, say):
+    import mlflow
+
+    say(f"{stage.name}: training {', '.join(stage.tasks)} for {stage.steps} steps")
+    with tracking.run(state.stage_runs.get(stage.name), experiment, stage.name, nested=True) as run_id:
+        if stage.name not in state.stage_runs:
+            state.stage_runs[stage.name] = run_id
+            state.save(workdir)
+            mlflow.log_params({"stage.index": stage.index, "stage.tasks": ",".join(stage.tasks),
+                               "stage.steps": stage.steps})
+        result = fit_stage(pipeline, workdir, stage, state, weights, uri, run_id, options.fault)
+        scores = _score_stage(pipeline, workdir, result.weights)
+        mlflow.log_metrics({k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()})
+        mlflow.log_param("checkpoint", str(result.weights))
+        psnr = {task: score.psnr for task, score in scores.items()}
+        say(f"{stage.name}: " + ", ".join(f"{t} {p:.2f} dB" for t, p in psnr.items()))
+    state.finished[stage.name] = {"weights": str(result.weights), "psnr": psnr, "run_id": run_id}
+    state.save(workdir)
+    return result.weights, psnr
+
+
+def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path):
+    from allinone.evaluate import score_task
+    from allinone.registry import load_weights
+
+    model = load_weights(pipeline, weights)
+    limit, tile = pipeline.config.eval.max_images, pipeline.config.eval.tile
+    return {task: score_task(model, shard_folder(workdir, task, "test"), task, limit, tile)
+            for task in pipeline.config.tasks}
+
+
+def _log_config(pipeline: Pipeline) -> None:
+    import mlflow
+
+    config = pipeline.config.model_dump(mode="json")
+    mlflow.log_params(tracking.flat_params(config))
+    tracking.log_json(config, "config/pipeline.json")
+    tracking.log_json({n: t.model_dump(mode="json") for n, t in pipeline.tasks.items()}, "config/tasks.json")
+
+
+def _summarise(pipeline: Pipeline, matrix: dict[str, dict[str, float]]) -> dict[str, Any]:
+    last = matrix[list(matrix)[-1]]
+    final = {f"final/{task}/psnr": value for task, value in last.items()}
+    final["final/average_psnr"] = sum(last.values()) / len(last)
+    return {"matrix": matrix, "final": final, "tasks": list(pipeline.config.tasks)}

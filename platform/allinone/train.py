@@ -1,0 +1,302 @@
+"""One curriculum stage on one Ray Train worker: a DeepSpeed engine fed by the stage's stream.
+
+``train_stage`` is the ``train_loop_per_worker`` of a ``TorchTrainer``. It builds the model (from
+the previous stage's weights when there are some), wraps it in DeepSpeed (ZeRO 0-3, optimizer and
+CPU offload from the pipeline), and trains for the stage's steps, reporting metrics and a
+checkpoint every ``checkpoint_every`` steps. A restarted worker resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allinone.config import TrainSection
+
+WEIGHTS_FILE = "model.pt"
+STATE_FILE = "stage_state.json"
+DS_TAG = "engine"
+
+
+@dataclass
+class StageJob:
+    """What a worker needs to train one stage; plain data, sent to every worker."""
+
+    stage: int
+    stage_name: str
+    steps: int
+    model: dict[str, Any]  # {"name", "preset", "overrides"}
+    task_names: list[str]  # the model's task ids, in curriculum order
+    train: dict[str, Any]  # TrainSection as a dict
+    batch_size: int
+    seed: int
+    init_weights: str | None = None  # previous stage's model.pt
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    fail_at_step: int | None = None  # fault-injection for tests: kill this worker once at a step
+    fail_marker: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+def deepspeed_config(train: TrainSection, batch_size: int, world_size: int) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": train.zero_stage},
+        "steps_per_print": 10**9,  # progress is ours; DeepSpeed's own lines would double it
+        "wall_clock_breakdown": False,
+    }
+    if train.grad_clip:
+        config["gradient_clipping"] = train.grad_clip
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif train.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    if train.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["optimizer"] = {"type": "AdamW", "params": _adam_params(train)}
+    return config
+
+
+def _adam_params(train: TrainSection) -> dict[str, Any]:
+    return {"lr": train.lr, "betas": list(train.betas), "weight_decay": train.weight_decay}
+
+
+def cosine_with_warmup(train: TrainSection, steps: int):
+    """LR multiplier: linear warmup, then cosine down to min_lr (restarted every stage)."""
+    floor = train.min_lr / train.lr
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = (step - train.warmup_steps) / max(1, steps - train.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- the worker loop
+def train_stage(config: dict[str, Any]) -> None:
+    import deepspeed  # imported in the worker: it probes accelerators and builds ops at import
+    import ray.train
+
+    job = StageJob(**config)
+    train = TrainSection(**job.train)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _set_threads(train, context.get_local_world_size())
+    torch.manual_seed(job.seed + rank)
+
+    model = _build_model(job)
+    engine = _engine(deepspeed, model, train, job, world)
+    ema = Ema(model, train.ema_decay) if train.ema_decay else None
+    step = _restore(engine, ema, ray.train.get_checkpoint())
+    logger = StepLogger(job, rank) if rank == 0 else None
+
+    device = engine.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
+    stream = ray.train.get_dataset_shard("train")
+    batches = stream.iter_torch_batches(batch_size=job.batch_size, drop_last=True,
+                                        local_shuffle_buffer_size=4 * job.batch_size)
+    started = time.perf_counter()
+    for batch in _forever(batches, stream, job.batch_size):
+        if step >= job.steps:
+            break
+        _maybe_inject_failure(job, step)
+        lq, gt, task_id = _to_device(batch, device, dtype)
+        loss, parts = _loss(engine, lq, gt, task_id, train)
+        if not math.isfinite(parts["total"]):
+            _report_nonfinite(step, parts)
+            return
+        engine.backward(loss)
+        engine.step()
+        if ema:
+            ema.update(engine.module)
+        step += 1
+        if logger:
+            logger.log(step, parts, engine.get_lr()[0], lq.shape[0] * world, time.perf_counter() - started)
+        started = time.perf_counter()
+        if step % train.checkpoint_every == 0 or step == job.steps:
+            _report_checkpoint(engine, ema, job, step, parts, final=step == job.steps)
+
+
+def _forever(batches, stream, batch_size: int):
+    """The planned pass normally covers the budget; should it run dry, start another pass."""
+    while True:
+        yield from batches
+        batches = stream.iter_torch_batches(batch_size=batch_size, drop_last=True)
+
+
+def _set_threads(train: TrainSection, workers_on_node: int) -> None:
+    # Ray sets OMP_NUM_THREADS from the worker's reserved CPUs (1 by default): decide deliberately.
+    threads = train.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_on_node)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _build_model(job: StageJob):
+    from allinone.models import build
+
+    model = build(job.model["name"], job.model.get("preset", "tiny"),
+                  task_names=tuple(job.task_names), **job.model.get("overrides", {}))
+    if job.init_weights:
+        state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
+    config = deepspeed_config(train, job.batch_size, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None if train.offload_optimizer else torch.optim.AdamW(trainable, **_adam_params(train))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, config=config,
+        dist_init_required=False,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train, job.steps))
+    engine.lr_scheduler = schedule  # stepped by engine.step(), saved in its checkpoints
+    return engine
+
+
+def _to_device(batch, device, dtype):
+    from allinone.stream import to_model_batch
+
+    return to_model_batch(batch, device=str(device), dtype=dtype)
+
+
+def _loss(engine, lq, gt, task_id, train: TrainSection):
+    from allinone.losses import total_loss
+
+    out = engine(lq, task_id, with_aux=True)
+    out.image = out.image.float()
+    loss, parts = total_loss(out, gt.float(), task_id, train.pixel_loss, train.aux_weights)
+    parts["total"] = float(loss.detach())
+    return loss, parts
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _report_checkpoint(engine, ema, job: StageJob, step: int, parts: dict, final: bool) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+        weights = consolidated_weights(engine, ema)
+        if ray.train.get_context().get_world_rank() == 0:
+            torch.save(weights, Path(folder) / WEIGHTS_FILE)
+            if ema:
+                torch.save(ema.state_dict(), Path(folder) / "ema.pt")
+            state = {"stage": job.stage, "step": step, "final": final, "model": job.model,
+                     "task_names": job.task_names}
+            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
+        metrics = {"step": step, "loss": parts["total"], "final": final, "nonfinite_step": -1}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def consolidated_weights(engine, ema) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank (gathered under ZeRO-3): what the next stage starts from."""
+    if ema is not None:
+        return {k: v.detach().float().clone() for k, v in ema.shadow.items()}
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _restore(engine, ema, checkpoint) -> int:
+    """Resume a restarted worker from the stage's last checkpoint; 0 when starting fresh."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        _, client_state = engine.load_checkpoint(folder, tag=DS_TAG)
+        if ema and (Path(folder) / "ema.pt").is_file():
+            ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=True))
+    return int(client_state["step"])
+
+
+def _report_nonfinite(step: int, parts: dict[str, float]) -> None:
+    # Reported, not raised: a raised error would be retried by FailureConfig and fail the same way.
+    import ray.train
+
+    ray.train.report({"step": step, "loss": parts["total"], "final": False, "nonfinite_step": step + 1})
+
+
+def _maybe_inject_failure(job: StageJob, step: int) -> None:
+    """Test hook: kill this process once, hard, to exercise Ray Train's worker restart."""
+    if job.fail_at_step is None or step != job.fail_at_step or not job.fail_marker:
+        return
+    marker = Path(job.fail_marker)
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    os._exit(1)
+
+
+# --------------------------------------------------------------------------- EMA and logging
+class Ema:
+    """Exponential moving average of the weights, kept in fp32 beside the engine's."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[name].lerp_(value.float(), 1 - self.decay)
+            else:
+                self.shadow[name].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.float().clone() for k, v in state.items()}
+
+
+class StepLogger:
+    """Rank 0's progress line and MLflow metrics (loss, its parts, lr, samples/s)."""
+
+    def __init__(self, job: StageJob, rank: int) -> None:
+        self.job, self.every = job, TrainSection(**job.train).log_every
+        self.client = None
+        if job.tracking_uri and job.mlflow_run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(job.tracking_uri)
+        self.window: list[tuple[float, float]] = []
+
+    def log(self, step: int, parts: dict[str, float], lr: float, samples: int, seconds: float) -> None:
+        self.window.append((samples, seconds))
+        if step % self.every and step != self.job.steps:
+            return
+        rate = sum(s for s, _ in self.window) / max(1e-9, sum(t for _, t in self.window))
+        self.window.clear()
+        print(f"[{self.job.stage_name}] step {step}/{self.job.steps} loss {parts['total']:.4f} "
+              f"lr {lr:.2e} {rate:.1f} samples/s", flush=True)
+        if self.client:
+            self._to_mlflow(step, {**{f"train/{k}": v for k, v in parts.items()},
+                                   "train/lr": lr, "train/samples_per_s": rate})
+
+    def _to_mlflow(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        self.client.log_batch(self.job.mlflow_run_id, metrics=metrics)
+
+
+def job_dict(job: StageJob) -> dict[str, Any]:
+    return asdict(job)

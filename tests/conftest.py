@@ -1,0 +1,34 @@
+"""Shared fixtures: the real data beside the repository, and one Ray session for the whole run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CLEAN_PHOTOS = SHARED_DATA / "train" / "CSun_Hays80"
+TEST_SETS = SHARED_DATA / "test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray, MLflow and DeepSpeed are chatty and slow to start when they probe for GPUs and telemetry.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not SHARED_DATA.is_dir():
+        raise pytest.UsageError(f"the test data is missing: {SHARED_DATA} (see ../shared/data)")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster shared by every test that needs Ray (starting one costs seconds)."""
+    import ray
+
+    from allinone.run import start_ray
+
+    start_ray(None)
+    yield ray
+    ray.shutdown()

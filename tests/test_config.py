@@ -1,0 +1,108 @@
+"""Typed configs: every shipped YAML loads; a bad one gets ONE message naming file and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from allinone.config import ConfigError, expand_env, load_pipeline, load_task
+from conftest import REPO
+
+TASKS = sorted((REPO / "tasks").glob("*.yaml"))
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASKS, ids=lambda p: p.stem)
+def test_every_shipped_task_loads(path: Path) -> None:
+    task = load_task(path)
+    assert task.name == path.stem
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+def test_every_shipped_pipeline_loads(path: Path) -> None:
+    pipeline = load_pipeline(path)
+    assert set(pipeline.config.tasks) <= set(pipeline.tasks)
+
+
+def test_the_seven_miour_tasks_and_unseen_ones_exist() -> None:
+    names = {p.stem for p in TASKS}
+    assert {"sr", "deblur", "denoise", "jpeg", "derain", "dehaze", "lowlight"} <= names
+    unseen = [p.stem for p in TASKS if load_task(p).unseen]
+    assert len(unseen) >= 3
+
+
+BAD_TASKS = {
+    "noise sigma below zero": ("degrade:\n  - {op: gaussian_noise, sigma: -1}", "degrade.0", "sigma"),
+    "jpeg quality above 100": ("degrade:\n  - {op: jpeg, quality: 101}", "degrade.0", "quality"),
+    "jpeg quality zero": ("degrade:\n  - {op: jpeg, quality: [0, 50]}", "degrade.0", "quality"),
+    "even blur kernel": ("degrade:\n  - {op: gaussian_blur, kernel: 8}", "degrade.0", "odd"),
+    "blur kernel below 3": ("degrade:\n  - {op: gaussian_blur, kernel: 1}", "degrade.0", "kernel"),
+    "haze beta zero": ("degrade:\n  - {op: haze, beta: 0}", "degrade.0", "beta"),
+    "unknown op": ("degrade:\n  - {op: fog}", "degrade.0", "unknown degradation op 'fog'"),
+    "typo'd key": ("degrade:\n  - {op: haze}\ntrian: {variants: 2}", "trian", "unknown field"),
+    "typo'd param": ("degrade:\n  - {op: haze, bta: 1}", "degrade.0", "unknown parameter 'bta'"),
+    "inverted range": ("degrade:\n  - {op: gaussian_noise, sigma: [50, 15]}", "degrade.0", "inverted"),
+    "level naming no op param": ("degrade:\n  - {op: haze}\ntest: {levels: [{sigma: 2}]}",
+                                 "test.levels.0.sigma", "no op"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TASKS, ids=str)
+def test_bad_task_names_file_and_field(tmp_path: Path, case: str) -> None:
+    body, field, words = BAD_TASKS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\nkind: synthetic\n{body}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_task(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and field in message and words in message
+
+
+def test_bad_pipeline_fields(tmp_path: Path) -> None:
+    base = (REPO / "pipelines" / "smoke.yaml").read_text()
+    cases = {
+        "tasks: [denoise, dehaze]": ("tasks: [denoise, nosuchtask]", "tasks.1", "unknown task"),
+        "steps: [6, 6]": ("steps: [6]", "(top level)", "2 stage length"),
+        "zero_stage: 2": ("zero_stage: 4", "train.zero_stage", "less than or equal to 3"),
+        "name: promptir": ("name: nosuchmodel", "model.name", "unknown model"),
+    }
+    for original, (replacement, field, words) in cases.items():
+        path = tmp_path / "pipelines" / "p.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(base.replace(original, replacement).replace("seed: 0", f"tasks_dir: {REPO / 'tasks'}"))
+        with pytest.raises(ConfigError) as caught:
+            load_pipeline(path)
+        assert field in str(caught.value) and words in str(caught.value), str(caught.value)
+
+
+def test_missing_data_folder_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\nkind: paired\nlayout: sots\ntest: {source: ./nowhere}\n")
+    result = _cli("shards", "build", str(path), "--split", "test", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "test.source" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nkind: synthetic\ndegrade:\n  - {op: jpeg, quality: 0}\n")
+    result = _cli("shards", "build", str(path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad.yaml" in lines[0] and "quality" in lines[0]
+
+
+def test_env_expansion() -> None:
+    assert expand_env("${ALLINONE_SURELY_UNSET:-a/b}/c") == "a/b/c"
+    with pytest.raises(ValueError, match="ALLINONE_SURELY_UNSET"):
+        expand_env("${ALLINONE_SURELY_UNSET}")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "allinone", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
