@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/models.py [--batch 4] [--crop 128] [--repeats 5]
 
 Speed is one forward + backward pass (no optimizer) per crop, the median of ``--repeats`` timed
-passes after warm-up, and a throughput ratio against promptir's tiny preset measured in the same run.
+passes after warm-up, and throughput relative to promptir tiny measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from allinone import models
 BASELINE = "promptir"
 
 
-def parameters_of(name: str, preset: str) -> int | None:
-    # On the meta device nothing is allocated, so even a paper-size preset costs no memory.
+def parameters_of(name: str, preset: str) -> int:
+    # On the meta device nothing is allocated, so a paper-size preset costs no memory; a builder
+    # that copies real data at build time (e.g. a frozen tower's buffers) is built for real.
     try:
         with torch.device("meta"):
             return models.count_parameters(models.build(name, preset))
-    except Exception:  # a builder that needs real tensors (e.g. loads weights) is skipped
-        return None
+    except (NotImplementedError, RuntimeError):
+        return models.count_parameters(models.build(name, preset))
 
 
 def seconds_per_crop(name: str, batch: int, crop: int, warmup: int, repeats: int) -> float:
@@ -72,7 +73,7 @@ def main() -> None:
     for name in names:
         for preset in models.MODELS[name].presets:
             params = parameters_of(name, preset)
-            print(f"| {name} | {preset} | {'n/a' if params is None else f'{params:,}'} |")
+            print(f"| {name} | {preset} | {params:,} |")
 
 
 if __name__ == "__main__":

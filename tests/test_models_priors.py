@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from allinone import models
@@ -25,6 +26,10 @@ from allinone.models.perceiver import TINY_VAE
 from allinone.models.weights import load_state_file
 
 PRIOR_MODELS = ["clip_prompt", "perceiver"]
+
+# One input shape throughout: the first convolution at a new shape is slow on CPU (oneDNN builds
+# its kernels), and this file should stay well under a minute on two cores.
+SHAPE = (2, 3, 32, 32)
 
 
 def build(name: str, seed: int = 0, **overrides) -> models.RestorationModel:
@@ -47,8 +52,8 @@ def test_clip_tower_is_frozen_and_stays_in_eval_mode(name: str) -> None:
     assert isinstance(model.clip, FrozenImageTower)
     assert not any(p.requires_grad for p in model.clip.parameters())
     assert not any(m.training for m in model.clip.modules())
-    out = model(torch.rand(1, 3, 32, 32), with_aux=True)
-    loss, _ = total_loss(out, torch.rand(1, 3, 32, 32), torch.tensor([0]))
+    out = model(torch.rand(SHAPE), with_aux=True)
+    loss, _ = total_loss(out, torch.rand(SHAPE), torch.tensor([0, 1]))
     loss.backward()
     assert all(p.grad is None for p in model.clip.parameters())
 
@@ -67,7 +72,8 @@ def test_text_embeddings_are_a_build_time_buffer(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(open_clip, "get_tokenizer", no_tokenizing)
     monkeypatch.setattr(open_clip.tokenizer.SimpleTokenizer, "__call__", no_tokenizing)
-    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        assert model(torch.rand(SHAPE)).shape == SHAPE
 
 
 def test_task_sentences_read_task_ids_as_degradations() -> None:
@@ -89,7 +95,7 @@ def test_mix_prompt_weights_interpolates_between_clip_and_features() -> None:
 
 def test_fusion_weight_one_makes_prompt_weights_the_clip_softmax() -> None:
     model = build("clip_prompt", fusion_weight=1.0).eval()
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(SHAPE)
     with torch.no_grad():
         clip_weights = model.degradation_logits(x).softmax(dim=-1)
         for level, block in model.prompt_blocks.items():
@@ -106,7 +112,7 @@ def test_fusion_weight_outside_unit_interval_is_refused() -> None:
 def test_focal_loss_reaches_the_clip_adapter() -> None:
     # CLIP itself is frozen, so the adapter on its image embedding is what the focal loss sharpens.
     model = build("clip_prompt")
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(SHAPE)
     out = model(x, with_aux=True)
     loss, parts = total_loss(out, x, torch.tensor([0, 1]), aux_weights={"focal": 1.0})
     loss.backward()
@@ -131,7 +137,7 @@ def test_perceiver_is_built_from_diffusers_classes_with_a_frozen_vae() -> None:
 def test_perceiver_few_step_refinement_and_given_task() -> None:
     model = build("perceiver", num_steps=3).eval()
     assert model.timesteps.tolist() == [999, 666, 333]
-    x = torch.rand(2, 3, 24, 40)
+    x = torch.rand(SHAPE)
     with torch.no_grad():
         blind = model(x, with_aux=True)
         told = model(x, torch.tensor([2, 5]), with_aux=True)
@@ -151,7 +157,7 @@ def test_clip_prompt_loads_a_local_open_clip_state_dict(tmp_path) -> None:
     assert state_equal(model.clip.visual, reference.visual)
     sentences = task_sentences(model.task_names, "a photo with {}")
     assert torch.allclose(model.text_embeddings, embed_texts(reference, TINY_CLIP, sentences))
-    x = torch.rand(2, 3, 40, 40)
+    x = torch.rand(SHAPE)
     with torch.no_grad():
         assert torch.equal(model.clip(x), FrozenImageTower(reference)(x))
     # The perceiver reads the same kind of file.
@@ -211,11 +217,17 @@ def test_mismatched_diffusers_folders_are_refused(tmp_path) -> None:
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="vae"):
         build("perceiver", pretrained_vae=str(tmp_path / "vae"))
+    # diffusers itself only logs weights missing from the file and leaves them random.
+    source.unet.save_pretrained(tmp_path / "partial")
+    weights_file = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    del weights["conv_in.weight"]
+    save_file(weights, weights_file)
+    with pytest.raises(ValueError, match=r"partial.*missing_keys.*conv_in\.weight"):
+        build("perceiver", pretrained_unet=str(tmp_path / "partial"))
 
 
 def test_load_state_file_reads_safetensors_and_unwraps_checkpoints(tmp_path) -> None:
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
     source, target = nn.Linear(4, 2), nn.Linear(4, 2)
     save_file(source.state_dict(), tmp_path / "w.safetensors")

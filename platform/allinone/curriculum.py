@@ -160,8 +160,18 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
         ),
         datasets={"train": stage_dataset(pipeline, workdir, stage)},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; the user needs the first lines of the cause
+        raise CurriculumError(f"stage {stage.name} failed after {train.max_failures} restarts: "
+                              f"{_cause(err)}") from err
     return _collect(result, workdir, stage)
+
+
+def _cause(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line and not line.startswith(" ")]
+    return (errors[-1] if errors else lines[-1] if lines else type(err).__name__)[:500]
 
 
 def _train_stage_entry(config: dict[str, Any]) -> None:

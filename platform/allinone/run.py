@@ -24,6 +24,11 @@ from allinone.curriculum import (
 )
 
 
+# Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
+# threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 class ClusterError(RuntimeError):
     """A Ray address that does not answer."""
 
@@ -51,10 +56,22 @@ def start_ray(address: str | None) -> None:
             # Spare logical CPUs for Ray Data's readers: on 2 cores a 2-worker trainer would
             # otherwise take every CPU and the stream would starve (DESIGN.md).
             cores = os.cpu_count() or 2
-            ray.init(address="local", num_cpus=max(4, 2 * cores), include_dashboard=False)
+            ray.init(address="local", num_cpus=max(4, 2 * cores), include_dashboard=False,
+                     runtime_env={"env_vars": WORKER_ENV})
     except (ConnectionError, TimeoutError, RuntimeError) as err:
         raise ClusterError(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
                            f"does not answer: {str(err).splitlines()[0]}") from None
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Our own progress lines say stage, step, loss and samples/s; Ray Data's bars would bury them.
+    The context travels with each dataset to the processes that execute it."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str, Any]:

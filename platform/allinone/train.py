@@ -159,12 +159,14 @@ def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
     config = deepspeed_config(train, job.batch_size, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if train.offload_optimizer else torch.optim.AdamW(trainable, **_adam_params(train))
-    engine, optimizer, _, _ = deepspeed.initialize(
+    factor = cosine_with_warmup(train, job.steps)
+    engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=config,
+        # A callable: DeepSpeed hands it the bare optimizer, steps it in engine.step() and keeps
+        # its state in the engine's checkpoints.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         dist_init_required=False,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train, job.steps))
-    engine.lr_scheduler = schedule  # stepped by engine.step(), saved in its checkpoints
     return engine
 
 
@@ -240,6 +242,9 @@ def _maybe_inject_failure(job: StageJob, step: int) -> None:
     if marker.exists():
         return
     marker.write_text(str(step))
+    # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a
+    # crash sooner than that after a report can lose it. Die once it has surely been collected.
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1.0)
     os._exit(1)
 
 
@@ -287,7 +292,8 @@ class StepLogger:
         print(f"[{self.job.stage_name}] step {step}/{self.job.steps} loss {parts['total']:.4f} "
               f"lr {lr:.2e} {rate:.1f} samples/s", flush=True)
         if self.client:
-            self._to_mlflow(step, {**{f"train/{k}": v for k, v in parts.items()},
+            named = {("loss" if k == "total" else k): v for k, v in parts.items()}
+            self._to_mlflow(step, {**{f"train/{k}": v for k, v in named.items()},
                                    "train/lr": lr, "train/samples_per_s": rate})
 
     def _to_mlflow(self, step: int, values: dict[str, float]) -> None:

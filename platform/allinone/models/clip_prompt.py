@@ -17,6 +17,7 @@ The CLIP helpers here (``create_clip``, ``FrozenImageTower``) are shared with ``
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,14 +69,22 @@ DEGRADATION_PHRASES: dict[str, str] = {
 
 
 def _register_clip_configs() -> None:
-    """Make our configs known to open_clip through its own mechanism: a JSON file per config."""
+    """Make our configs known to open_clip through its own mechanism: a JSON file per config.
+
+    The files live in one fixed temp folder, rewritten atomically, so concurrent processes agree
+    and repeated runs leave nothing behind but that folder.
+    """
     missing = {n: c for n, c in CLIP_CONFIGS.items() if n not in open_clip.list_models()}
     if not missing:
         return
-    folder = Path(tempfile.mkdtemp(prefix="allinone-open-clip-"))
+    folder = Path(tempfile.gettempdir()) / "allinone-open-clip-configs"
+    folder.mkdir(exist_ok=True)
     for name, config in missing.items():
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+        path = folder / f"{name}.json"
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(config))
+        os.replace(partial, path)
+        open_clip.add_model_config(path)
 
 
 def create_clip(model_name: str, pretrained: str | None = None) -> nn.Module:

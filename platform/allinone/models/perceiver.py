@@ -2,15 +2,15 @@
 into a one-step restorer, steered by CLIP through textual and visual prompts.
 
     x --frozen CLIP image tower--> e --MLP--> degradation logits (focal loss) --> task probs p
-    e --cross-modal adapter--> K visual-text tokens  ++  sum_t p_t * (learned task text tokens)
-                                                  \\--> UNet cross-attention context
+    e --cross-modal adapter--> K tokens, joined by sum_t p_t * (learned task text tokens):
+        the UNet's cross-attention context
     x --VAE encoder--> latent z (+ encoder features at every scale)
          encoder features --IR adapter--> one residual per UNet skip + mid (ControlNet-style)
     z <- z + UNet(z, t fixed, context, residuals)    (repeated num_steps times)
     z --VAE decoder, with encoder features fused in at every scale--> decoded
     out = x + refine([decoded, x])                   (global residual in pixel space)
 
-The VAE is frozen by default (as in MPerceiver); the UNet, adapters, skip fusions and refinement
+The VAE is frozen by default; the UNet, adapters, skip fusions and refinement
 head train. Zero-initialised convolutions where adapters feed the VAE/UNet (ControlNet's trick)
 let pretrained components start from their own behaviour.
 """
@@ -18,6 +18,7 @@ let pretrained components start from their own behaviour.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,14 +107,16 @@ def load_diffusers_folder(cls: type[Component], path: str | Path, what: str) -> 
     if saved_class != cls.__name__:
         raise ValueError(f"{what} folder {path} holds a {saved_class}, not a {cls.__name__}")
     try:
+        # local_files_only: never the Hub. low_cpu_mem_usage=False is what diffusers falls back
+        # to without `accelerate` anyway; asking for it up front spares a warning.
         model, info = cls.from_pretrained(
             path, local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True
         )
     except Exception as error:
         raise ValueError(f"{what} folder {path} could not be loaded: {error}") from error
-    problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
-    if problems or info.get("error_msgs"):
-        raise ValueError(f"{what} folder {path} does not fit its config: {problems or info}")
+    problems = {kind: keys for kind, keys in info.items() if keys}
+    if problems:
+        raise ValueError(f"{what} folder {path} does not fit its config: {problems}")
     return model
 
 
@@ -242,7 +245,7 @@ class Perceiver(RestorationModel):
 
     def __init__(
         self,
-        task_names: tuple[str, ...] = DEFAULT_TASKS,
+        task_names: Sequence[str] = DEFAULT_TASKS,
         clip_model: str = TINY_CLIP,
         vae: dict[str, Any] | None = None,
         unet: dict[str, Any] | None = None,
@@ -257,7 +260,7 @@ class Perceiver(RestorationModel):
         pretrained_unet: str | None = None,
         pretrained_clip: str | None = None,
     ) -> None:
-        super().__init__(task_names)
+        super().__init__(tuple(task_names))
         if num_steps < 1 or not 0 <= timestep < 1000:
             raise ValueError(
                 f"need num_steps >= 1 and 0 <= timestep < 1000, got {num_steps}, {timestep}"
@@ -305,16 +308,13 @@ class Perceiver(RestorationModel):
 
     @staticmethod
     def _build_skip_fusions(channels: list[int]) -> nn.ModuleList:
-        """Detail refinement: one zero conv per decoder up block, from the encoder feature at the
-        scale of that block's input (the encoder's channels there) to the decoder's channels."""
-        levels = len(channels)
-        fusions = []
-        for j in range(levels):
-            scale = levels - 1 - j  # the input of up block j is 2**scale times coarser than x
-            encoder_channels = channels[max(scale - 1, 0)] if scale < levels - 1 else channels[-1]
-            decoder_channels = channels[::-1][max(j - 1, 0)]
-            fusions.append(zero_conv(encoder_channels, decoder_channels))
-        return nn.ModuleList(fusions)
+        """Detail refinement: per decoder up block, a zero conv from the encoder feature at the
+        scale of the block's input (as ``encode`` keys them) to the block's input channels."""
+        last = len(channels) - 1
+        encoder = {0: channels[0]} | {min(i + 1, last): c for i, c in enumerate(channels)}
+        # Up block j reads the mid block's output (j = 0), then up block j - 1's.
+        decoder = [channels[-1], *channels[::-1][:-1]]
+        return nn.ModuleList(zero_conv(encoder[last - j], c) for j, c in enumerate(decoder))
 
     def train(self, mode: bool = True) -> Perceiver:
         super().train(mode)
@@ -334,9 +334,10 @@ class Perceiver(RestorationModel):
         with torch.set_grad_enabled(self.train_vae and torch.is_grad_enabled()):
             h = encoder.conv_in(x * 2 - 1)  # SD's VAE reads [-1, 1]
             features = {0: h}
-            for block in encoder.down_blocks:
+            last = len(encoder.down_blocks) - 1
+            for i, block in enumerate(encoder.down_blocks):
                 h = block(h)
-                features[(x.shape[-1] // h.shape[-1]).bit_length() - 1] = h
+                features[min(i + 1, last)] = h  # every block but the last halves the size
             h = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(encoder.mid_block(h))))
             if self.vae.quant_conv is not None:
                 h = self.vae.quant_conv(h)
@@ -365,6 +366,18 @@ class Perceiver(RestorationModel):
             return logits.softmax(dim=-1)
         return F.one_hot(task_id, self.num_tasks).to(logits.dtype)
 
+    def latent_update(
+        self, latent: Tensor, t: Tensor, context: Tensor, skips: tuple[Tensor, ...], mid: Tensor
+    ) -> Tensor:
+        """One UNet pass: the step from ``latent`` towards the clean latent."""
+        return self.unet(
+            latent,
+            t,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=skips,
+            mid_block_additional_residual=mid,
+        ).sample
+
     def restore(self, x: Tensor, task_id: Tensor | None) -> Restoration:
         clip_embedding = self.clip(x)
         logits = self.predictor(clip_embedding)
@@ -372,16 +385,7 @@ class Perceiver(RestorationModel):
         latent, features = self.encode(x)
         skips, mid = self.ir_adapter(features[max(features)])
         for t in self.timesteps:
-            latent = (
-                latent
-                + self.unet(
-                    latent,
-                    t,
-                    encoder_hidden_states=context,
-                    down_block_additional_residuals=skips,
-                    mid_block_additional_residual=mid,
-                ).sample
-            )
+            latent = latent + self.latent_update(latent, t, context, skips, mid)
         decoded = self.decode(latent, features)
         image = x + self.refine(torch.cat([decoded, x], dim=1))
         return Restoration(image=image, logits=logits)

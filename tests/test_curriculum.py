@@ -1,0 +1,193 @@
+"""The main job end to end on a local Ray cluster: stages, tracking, registry, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from allinone.config import load_pipeline
+from allinone.curriculum import CurriculumError, plan_stages
+from allinone.run import RunOptions, run_pipeline
+from allinone.tracking import TrackingError
+from conftest import REPO
+
+
+def write_pipeline(folder: Path, name: str, *, tasks=("denoise", "dehaze"), steps=(4, 4),
+                   mode: str = "cumulative", train: str = "", checkpoint_every: int = 2) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"""
+name: {name}
+tasks_dir: {REPO / 'tasks'}
+tasks: [{', '.join(tasks)}]
+data: {{samples_per_shard: 16, crop: 32, batch_size: 4}}
+model: {{name: promptir, preset: tiny}}
+curriculum: {{mode: {mode}, steps: [{', '.join(map(str, steps))}]}}
+train: {{lr: 1.0e-3, zero_stage: 2, checkpoint_every: {checkpoint_every}, log_every: 1{train}}}
+eval: {{max_images: 2}}
+""")
+    return path
+
+
+def test_stage_plans_follow_the_mode(tmp_path: Path) -> None:
+    three = ("denoise", "derain", "dehaze")
+    cumulative = plan_stages(load_pipeline(write_pipeline(tmp_path, "c", tasks=three, steps=(1, 2, 3))))
+    assert [s.tasks for s in cumulative] == [three[:1], three[:2], three]
+    assert [s.steps for s in cumulative] == [1, 2, 3]
+    sequential = plan_stages(load_pipeline(
+        write_pipeline(tmp_path, "s", tasks=three, steps=(1, 2, 3), mode="sequential")))
+    assert [s.tasks for s in sequential] == [(t,) for t in three]
+    mixed = plan_stages(load_pipeline(write_pipeline(tmp_path, "m", tasks=three, steps=(6,), mode="mixed")))
+    assert [(s.tasks, s.steps) for s in mixed] == [(three, 6)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, ray_session):
+    folder = tmp_path_factory.mktemp("e2e")
+    pipeline = load_pipeline(write_pipeline(folder, "e2e"))
+    summary = run_pipeline(pipeline, RunOptions(folder / "work"), say=lambda *_: None)
+    return folder / "work", summary
+
+
+def test_curriculum_trains_every_stage_and_scores_every_task(finished_run) -> None:
+    workdir, summary = finished_run
+    assert list(summary["matrix"]) == ["stage1-denoise", "stage2-dehaze"]
+    for scores in summary["matrix"].values():
+        assert set(scores) == {"denoise", "dehaze"} and all(5 < v < 60 for v in scores.values())
+    for stage in summary["matrix"]:
+        assert (workdir / "stages" / stage / "model.pt").is_file()
+    assert summary["registered"]["alias"] == "champion"
+
+
+def test_mlflow_holds_one_parent_and_a_nested_run_per_stage(finished_run) -> None:
+    workdir, _ = finished_run
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == ["stage1-denoise", "stage2-dehaze"]
+    assert parents[0].data.params["train.zero_stage"] == "2"
+    assert "final/average_psnr" in parents[0].data.metrics
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"test/denoise/psnr", "test/dehaze/ssim_y"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert "train/samples_per_s" in child.data.metrics
+        assert Path(child.data.params["checkpoint"]).is_file()
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "config")]
+    assert "config/pipeline.json" in artifacts
+
+
+def test_registered_model_restores_another_size(finished_run) -> None:
+    import torch
+
+    workdir, _ = finished_run
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model("models:/allinone@champion")
+    for shape in [(1, 3, 37, 53), (2, 3, 80, 64)]:
+        restored = model(torch.rand(shape))
+        assert restored.shape == shape and torch.isfinite(restored).all()
+
+
+def test_a_second_run_in_the_same_workdir_needs_resume(finished_run) -> None:
+    workdir, _ = finished_run
+    pipeline = load_pipeline(workdir.parent / "e2e.yaml")
+    with pytest.raises(CurriculumError, match="--resume"):
+        run_pipeline(pipeline, RunOptions(workdir), say=lambda *_: None)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path, "faulty", tasks=("denoise",), steps=(8,),
+                                            checkpoint_every=3))
+    fault = {"fail_at_step": 4, "fail_marker": str(tmp_path / "killed-once")}
+    summary = run_pipeline(pipeline, RunOptions(tmp_path / "work", fault=fault, register=False),
+                           say=lambda *_: None)
+    assert (tmp_path / "killed-once").read_text() == "4", "the worker process was killed at step 4"
+    assert list(summary["matrix"]) == ["stage1-denoise"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    steps = [m.step for m in client.get_metric_history(state["stage_runs"]["stage1-denoise"], "train/loss")]
+    # Steps 1-4 ran, the worker died before finishing step 5, the restart resumed at the step-3
+    # checkpoint: only step 4 (less than one checkpoint interval) ran twice.
+    assert sorted(steps) == [1, 2, 3, 4, 4, 5, 6, 7, 8]
+
+
+def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(tmp_path: Path, ray_session) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path, "diverge", tasks=("denoise",), steps=(6,),
+                                            checkpoint_every=1, train=", lr: 1.0e+38, grad_clip: null"))
+    with pytest.raises(CurriculumError, match=r"non-finite .* at step \d"):
+        run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"FAILED"}
+    assert list((tmp_path / "work" / "ray").rglob("checkpoint_*/model.pt")), "last good checkpoint kept"
+    assert json.loads((tmp_path / "work" / "state.json").read_text())["finished"] == {}
+
+
+def test_tracking_server_that_does_not_answer(tmp_path: Path) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path, "nowhere", tasks=("denoise",), steps=(2,)))
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="127.0.0.1:9"):
+        run_pipeline(pipeline, RunOptions(tmp_path / "work", tracking_uri="http://127.0.0.1:9"))
+    assert time.monotonic() - started < 120
+    assert not (tmp_path / "work" / "state.json").exists()
+
+
+def test_cli_reports_unreachable_ray_address(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path, "noray", tasks=("denoise",), steps=(2,))
+    result = subprocess.run(
+        [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(tmp_path / "w"),
+         "--address", "127.0.0.1:9"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(4, 30),
+                          checkpoint_every=4)
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(workdir)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for_second_stage_checkpoint(workdir, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    state = json.loads((workdir / "state.json").read_text())
+    assert list(state["finished"]) == ["stage1-denoise"]
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage1-denoise: finished earlier, skipped" in resumed.stdout
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resumable").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    stage2 = json.loads((workdir / "state.json").read_text())["stage_runs"]["stage2-dehaze"]
+    steps = [m.step for m in client.get_metric_history(stage2, "train/loss")]
+    first_after_resume = steps[len(set(steps)) - (len(steps) - len(set(steps))):][:1]
+    assert len(steps) - len(set(steps)) < 30, "the resumed stage did not start from scratch"
+    assert max(steps) == 30 and first_after_resume
+
+
+def _wait_for_second_stage_checkpoint(workdir: Path, driver: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        state_file = workdir / "state.json"
+        if state_file.is_file() and "stage1-denoise" in json.loads(state_file.read_text())["finished"]:
+            if list((workdir / "ray").glob("*stage2-dehaze*/checkpoint_*/model.pt")):
+                return
+        time.sleep(0.2)
+    raise AssertionError("the second stage wrote no checkpoint in time")
