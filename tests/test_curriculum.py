@@ -125,7 +125,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session
 
 def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(tmp_path: Path, ray_session) -> None:
     pipeline = load_pipeline(write_pipeline(tmp_path, "diverge", tasks=("denoise",), steps=(6,),
-                                            checkpoint_every=1, train=", lr: 1.0e+38, grad_clip: null"))
+                                            checkpoint_every=1, train=", lr: 1.0e+20, grad_clip: null"))
     with pytest.raises(CurriculumError, match=r"non-finite .* at step \d"):
         run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
@@ -154,7 +154,7 @@ def test_cli_reports_unreachable_ray_address(tmp_path: Path) -> None:
 
 
 def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
-    path = write_pipeline(tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(4, 30),
+    path = write_pipeline(tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(4, 16),
                           checkpoint_every=4)
     workdir = tmp_path / "work"
     command = [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(workdir)]
@@ -176,9 +176,10 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     stage2 = json.loads((workdir / "state.json").read_text())["stage_runs"]["stage2-dehaze"]
     steps = [m.step for m in client.get_metric_history(stage2, "train/loss")]
-    first_after_resume = steps[len(set(steps)) - (len(steps) - len(set(steps))):][:1]
-    assert len(steps) - len(set(steps)) < 30, "the resumed stage did not start from scratch"
-    assert max(steps) == 30 and first_after_resume
+    assert sorted(set(steps)) == list(range(1, 17))
+    repeated = {s for s in steps if steps.count(s) > 1}
+    # A checkpoint at step 4 or later existed when the driver died: nothing before it ran twice.
+    assert not repeated or min(repeated) > 4, sorted(steps)
 
 
 def _wait_for_second_stage_checkpoint(workdir: Path, driver: subprocess.Popen) -> None:
@@ -187,7 +188,9 @@ def _wait_for_second_stage_checkpoint(workdir: Path, driver: subprocess.Popen) -
         assert driver.poll() is None, "the driver ended before it could be killed"
         state_file = workdir / "state.json"
         if state_file.is_file() and "stage1-denoise" in json.loads(state_file.read_text())["finished"]:
-            if list((workdir / "ray").glob("*stage2-dehaze*/checkpoint_*/model.pt")):
+            # Ray Train counts a checkpoint once its controller has recorded it in the snapshot.
+            snapshots = list((workdir / "ray").glob("*stage2-dehaze*/checkpoint_manager_snapshot.json"))
+            if snapshots and "checkpoint_" in snapshots[0].read_text():
                 return
         time.sleep(0.2)
     raise AssertionError("the second stage wrote no checkpoint in time")

@@ -24,11 +24,12 @@ USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Errors of the heavier modules are imported only when a command got that far.
+    from allinone.cluster import JobError
     from allinone.curriculum import CurriculumError
     from allinone.run import ClusterError
     from allinone.tracking import TrackingError
 
-    return (*USER_ERRORS, CurriculumError, ClusterError, TrackingError)
+    return (*USER_ERRORS, CurriculumError, ClusterError, TrackingError, JobError)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
 shards_app = typer.Typer(no_args_is_help=True, help="Build and verify WebDataset shards.")
@@ -152,3 +153,130 @@ def _print_matrix(summary: dict) -> None:
         table.add_row(stage, *(f"{scores[t]:.2f}" for t in tasks))
     console.print(table)
     console.print(f"average PSNR after the last stage: {summary['final']['final/average_psnr']:.2f} dB")
+
+
+# --------------------------------------------------------------------------- cluster jobs
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+
+Address = Annotated[str | None, typer.Option(
+    help="The cluster's dashboard, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
+         "then $RAY_ADDRESS")]
+
+
+@app.command("submit")
+def submit(
+    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline inside this project")],
+    address: Address = None,
+    workdir: Annotated[str | None, typer.Option(
+        help="On the cluster; absolute on storage every node mounts for multi-node runs. "
+             "Default: runs/<job id> in the job's own (scratch) working directory")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow server the job logs to; default: SQLite in the job's workdir")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for the job, repeatable, e.g. ALLINONE_DATA=/mnt/data")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends")] = True,
+) -> None:
+    """Run a pipeline on a Ray cluster through the Ray Jobs API (same as `run`, but remote)."""
+    from allinone import cluster
+
+    pipeline = load_pipeline(pipeline_yaml)
+    client = cluster.connect(address)
+    job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []))
+    at = f"--address {client.get_address()}"
+    console.print(f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"
+                  f"  logs:   allinone jobs logs {job_id} {at} --follow",
+                  highlight=False, soft_wrap=True)
+    if wait:
+        _follow(client, job_id)
+
+
+def _job_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def _follow(client, job_id: str) -> None:
+    from allinone import cluster
+
+    try:
+        info = cluster.follow(client, job_id)
+    except KeyboardInterrupt:
+        errors.print(f"stopped following; job {job_id} goes on "
+                     f"(allinone jobs stop {job_id} to end it)", highlight=False)
+        raise typer.Exit(130) from None
+    console.print(f"job {job_id}: {_status_line(info)}", highlight=False, markup=False,
+                  soft_wrap=True)
+    if str(info.status) != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: Annotated[str, typer.Argument(help="A submission id")],
+                address: Address = None) -> None:
+    """A job's status and Ray's message about it."""
+    from allinone import cluster
+
+    info = cluster.job_info(cluster.connect(address), job_id)
+    console.print(f"{job_id}: {_status_line(info)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _status_line(info) -> str:
+    # A failed job's message ends with the last 20,000 characters of its logs: keep its first line.
+    message = (info.message or "").strip().splitlines()
+    return f"{info.status} ({message[0].rstrip(':,')})" if message else str(info.status)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: Annotated[str, typer.Argument(help="A submission id")],
+              address: Address = None,
+              follow: Annotated[bool, typer.Option(help="Stream until the job ends")] = False,
+              ) -> None:
+    """A job's driver output so far, or streamed until it ends with --follow."""
+    from allinone import cluster
+
+    client = cluster.connect(address)
+    if follow:
+        _follow(client, job_id)
+    else:
+        sys.stdout.write(cluster.job_logs(client, job_id))
+
+
+@jobs_app.command("list")
+def jobs_list(address: Address = None) -> None:
+    """Every job the cluster knows, oldest first."""
+    from rich.markup import escape
+
+    from allinone import cluster
+
+    table = Table()
+    for name in ("job", "status", "started"):  # whole, so that an id can be copied
+        table.add_column(name, no_wrap=True)
+    table.add_column("entrypoint")
+    for job in cluster.list_jobs(cluster.connect(address)):
+        table.add_row(job.submission_id or job.job_id or "?", str(job.status),
+                      _time_of(job.start_time), escape(job.entrypoint))
+    console.print(table)
+
+
+def _time_of(epoch_ms: int | None) -> str:
+    import datetime as dt
+
+    if not epoch_ms:
+        return ""
+    return dt.datetime.fromtimestamp(epoch_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: Annotated[str, typer.Argument(help="A submission id")],
+              address: Address = None) -> None:
+    """Ask the cluster to stop a job."""
+    from allinone import cluster
+
+    stopped = cluster.stop_job(cluster.connect(address), job_id)
+    console.print(f"{job_id}: " + ("stopping" if stopped else "had already ended"), highlight=False)

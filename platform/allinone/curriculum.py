@@ -22,7 +22,7 @@ from typing import Any
 
 from allinone.config import Pipeline, resolve_source
 from allinone.shards import BuildRequest, build_shards
-from allinone.train import STATE_FILE, WEIGHTS_FILE, StageJob, job_dict
+from allinone.train import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob, job_dict
 
 STATE = "state.json"
 
@@ -137,6 +137,9 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
 
     config = pipeline.config
     train = config.train
+    run_name = f"{config.name}-{stage.name}-{state.attempt}"
+    status_dir = workdir / "ray" / run_name
+    (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
     job = StageJob(
         stage=stage.index, stage_name=stage.name, steps=stage.steps,
         model={"name": config.model.name, "preset": config.model.preset,
@@ -144,7 +147,8 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
         task_names=list(config.tasks), train=train.model_dump(mode="json"),
         batch_size=config.data.batch_size, seed=config.seed + 1000 * stage.index,
         init_weights=str(init_weights) if init_weights else None,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, **(fault or {}),
+        tracking_uri=tracking_uri, mlflow_run_id=run_id, status_dir=str(status_dir.resolve()),
+        **(fault or {}),
     )
     trainer = TorchTrainer(
         _train_stage_entry,
@@ -153,7 +157,7 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker=_worker_resources(train)),
         run_config=RunConfig(
-            name=f"{config.name}-{stage.name}-{state.attempt}",
+            name=run_name,
             storage_path=str((workdir / "ray").resolve()),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -165,7 +169,7 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
     except Exception as err:  # Ray wraps worker errors; the user needs the first lines of the cause
         raise CurriculumError(f"stage {stage.name} failed after {train.max_failures} restarts: "
                               f"{_cause(err)}") from err
-    return _collect(result, workdir, stage)
+    return _collect(result, workdir, stage, status_dir)
 
 
 def _cause(err: BaseException) -> str:
@@ -200,12 +204,14 @@ def stage_dataset(pipeline: Pipeline, workdir: Path, stage: Stage):
     return training_dataset(plan)
 
 
-def _collect(result, workdir: Path, stage: Stage) -> StageResult:
+def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResult:
     metrics = result.metrics or {}
-    if metrics.get("nonfinite_step", -1) > 0:
-        raise CurriculumError(
-            f"stage {stage.name}: loss became non-finite ({metrics.get('loss')}) at step "
-            f"{metrics['nonfinite_step']}; the last good checkpoint is kept in {workdir / 'ray'}")
+    verdict = status_dir / NONFINITE_FILE
+    if verdict.is_file():
+        failure = json.loads(verdict.read_text())
+        kept = f"; the last good checkpoint is kept: {result.checkpoint.path}" if result.checkpoint else ""
+        raise CurriculumError(f"stage {stage.name}: loss became non-finite ({failure['loss']}) at "
+                              f"step {failure['step']}{kept}")
     if result.error:
         raise CurriculumError(f"stage {stage.name} failed: {result.error}")
     if result.checkpoint is None or not metrics.get("final"):

@@ -8,6 +8,7 @@ directory so that ``--resume`` continues where a killed driver stopped.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from allinone.curriculum import (
 
 # Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
 # threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Ray Train's print patch would echo every progress line twice on the driver.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 class ClusterError(RuntimeError):
@@ -49,6 +51,11 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    for name, value in WORKER_ENV.items():  # Ray Train hands these on to its controller and workers
+        os.environ.setdefault(name, value)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target != "auto":
+        check_reachable(target)
     try:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, log_to_driver=True)
@@ -62,6 +69,18 @@ def start_ray(address: str | None) -> None:
         raise ClusterError(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
                            f"does not answer: {str(err).splitlines()[0]}") from None
     quiet_ray_data()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a Ray address (``ray.init`` would wait minutes)."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterError(f"Ray cluster at {address} does not answer ({err.strerror or err})") from None
 
 
 def quiet_ray_data() -> None:

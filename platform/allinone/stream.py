@@ -12,18 +12,24 @@ would pay it again and again.
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from allinone.images import decode_image_bytes, to_uint8
 from allinone.shards import iter_tar_samples, read_manifest
 
 SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
+READ_AHEAD_BLOCKS = 16  # shard reads (blocks) decoded ahead of the trainer; see read_ahead_bytes
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,24 @@ def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(read["seed"])
     rows = []
     for key, members in iter_tar_samples(Path(read["url"])):
-        lq = decode_image_bytes(members["lq.png"], f"{read['url']}:{key}")
-        gt = decode_image_bytes(members["gt.png"], f"{read['url']}:{key}")
+        lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")
+        gt = decode_rgb8(members["gt.png"], f"{read['url']}:{key}")
         lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng)
-        rows.append({"lq": to_uint8(lq), "gt": to_uint8(gt), "task_id": read["task_id"]})
+        rows.append({"lq": lq, "gt": gt, "task_id": read["task_id"]})
     return rows
+
+
+def decode_rgb8(data: bytes, name: str) -> np.ndarray:
+    """A shard member as uint8 HxWx3. Shards hold 8-bit RGB PNGs (``encode_png``): those decode
+    straight to uint8, skipping the float image, which cost about 1 of every 6 ms a sample took
+    (benchmarks/data_pipeline.py). Anything else takes the general path; both give equal pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION) in (None, 1):
+                return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass  # the general path raises the error that names the member
+    return to_uint8(decode_image_bytes(data, name))
 
 
 def pad_to(image: np.ndarray, size: int) -> np.ndarray:
@@ -104,7 +123,8 @@ def augment(lq: np.ndarray, gt: np.ndarray, crop: int, rng: np.random.Generator)
     if rng.random() < 0.5:
         lq, gt = lq[:, ::-1], gt[:, ::-1]
     turns = int(rng.integers(0, 4))
-    return np.rot90(lq, turns), np.rot90(gt, turns)
+    # Contiguous copies: torch refuses to wrap the read-only strided views rot90 and flips give.
+    return np.ascontiguousarray(np.rot90(lq, turns)), np.ascontiguousarray(np.rot90(gt, turns))
 
 
 def training_dataset(plan: StreamPlan):
@@ -112,9 +132,73 @@ def training_dataset(plan: StreamPlan):
     import ray.data
 
     reads = plan_reads(plan)
-    return ray.data.from_items(reads, override_num_blocks=len(reads)).flat_map(
+    dataset = ray.data.from_items(reads, override_num_blocks=len(reads)).flat_map(
         read_crops, fn_kwargs={"crop": plan.crop}
     )
+    # Unbounded, Ray Data decodes the whole planned pass as fast as it can until its share of the
+    # object store (GiBs) is full: on 2 cores, with a consumer taking 16 samples/s, the readers kept
+    # 1-1.7 cores busy and the store grew 8-18 MiB/s for as long as it was watched, all of it taken
+    # from training. Bounded, they decode about what training takes (benchmarks/data_pipeline.py).
+    # Ray Train replaces a dataset's execution options with its DataConfig's: pass
+    # ``train_data_config(dataset)`` as the TorchTrainer's ``dataset_config``.
+    context = dataset.context
+    limit = read_ahead_bytes(plan)
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=limit)
+    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes,
+                                                 IdleBackoff]
+    return dataset
+
+
+def train_data_config(dataset, workers: int = 1, name: str = "train"):
+    """Ray Train's ``DataConfig`` that keeps the stream's read-ahead bound (``READ_AHEAD_BLOCKS``
+    per Train worker): Train otherwise replaces a dataset's execution options with the driver's
+    defaults, unbounded. Measured with one worker taking 16 samples/s: readers busy 1.7 cores and
+    the object store growing 8 MiB/s without it; 0.3 cores and a flat store with it."""
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(dataset.context.execution_options)
+    limits = options.resource_limits
+    options.resource_limits = limits.copy(object_store_memory=limits.object_store_memory * workers)
+    return DataConfig(execution_options={name: options})
+
+
+def read_ahead_bytes(plan: StreamPlan) -> int:
+    """Object store Ray Data may fill ahead of the trainer: ``READ_AHEAD_BLOCKS`` shard reads."""
+    largest = max((count for task in plan.tasks for count in task.counts), default=1)
+    return READ_AHEAD_BLOCKS * largest * plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
+
+
+class IdleBackoff:
+    """Sleep a little after each step of Ray Data's scheduling loop that came back at once.
+
+    Ray 2.60's loop blocks in ``ray.wait`` on its running tasks, but once the read-ahead bound
+    holds them back their outputs are always "ready": the loop then spins about 1 ms a step and
+    keeps a core busy (measured: 0.9 of one, in the SplitCoordinator that serves a Train worker,
+    for as long as the trainer is slower than the readers; 0.05 with this). Implements Ray Data's
+    ``ExecutionCallback`` interface by duck typing: its base class lives in a private module."""
+
+    SPIN_S = 0.005  # a step this short waited for nothing
+    SLEEP_S = 0.05  # delays launching the next read by at most this; a read takes ~0.4 s
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def before_execution_starts(self, executor) -> None:
+        self.last = time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.SPIN_S:
+            time.sleep(self.SLEEP_S)
+            now = time.perf_counter()
+        self.last = now
+
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass
 
 
 def to_model_batch(batch: dict[str, Any], device: str = "cpu", dtype=None):

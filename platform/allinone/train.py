@@ -41,6 +41,7 @@ class StageJob:
     init_weights: str | None = None  # previous stage's model.pt
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
+    status_dir: str | None = None  # where a worker leaves a verdict the driver must read
     fail_at_step: int | None = None  # fault-injection for tests: kill this worker once at a step
     fail_marker: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +117,7 @@ def train_stage(config: dict[str, Any]) -> None:
         lq, gt, task_id = _to_device(batch, device, dtype)
         loss, parts = _loss(engine, lq, gt, task_id, train)
         if not math.isfinite(parts["total"]):
-            _report_nonfinite(step, parts)
+            _record_nonfinite(job, step + 1, parts["total"])
             return
         engine.backward(loss)
         engine.step()
@@ -200,7 +201,7 @@ def _report_checkpoint(engine, ema, job: StageJob, step: int, parts: dict, final
             state = {"stage": job.stage, "step": step, "final": final, "model": job.model,
                      "task_names": job.task_names}
             (Path(folder) / STATE_FILE).write_text(json.dumps(state))
-        metrics = {"step": step, "loss": parts["total"], "final": final, "nonfinite_step": -1}
+        metrics = {"step": step, "loss": parts["total"], "final": final}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -227,11 +228,20 @@ def _restore(engine, ema, checkpoint) -> int:
     return int(client_state["step"])
 
 
-def _report_nonfinite(step: int, parts: dict[str, float]) -> None:
-    # Reported, not raised: a raised error would be retried by FailureConfig and fail the same way.
+NONFINITE_FILE = "nonfinite.json"
+
+
+def _record_nonfinite(job: StageJob, step: int, loss: float) -> None:
+    """Leave the verdict for the driver and stop without touching any checkpoint.
+
+    Not raised: Ray Train retries every worker error, and a diverged run fails the same way each
+    time. Not reported: a report without a checkpoint never reaches the driver's Result.
+    """
     import ray.train
 
-    ray.train.report({"step": step, "loss": parts["total"], "final": False, "nonfinite_step": step + 1})
+    if ray.train.get_context().get_world_rank() == 0 and job.status_dir:
+        Path(job.status_dir).mkdir(parents=True, exist_ok=True)
+        (Path(job.status_dir) / NONFINITE_FILE).write_text(json.dumps({"step": step, "loss": str(loss)}))
 
 
 def _maybe_inject_failure(job: StageJob, step: int) -> None:
