@@ -44,6 +44,7 @@ def fresh(folder: Path) -> Path:
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A markdown table; columns of numbers (or ratios like 1.9x) right-aligned."""
+
     def cell(value: object) -> str:
         return f"{value:,.1f}" if isinstance(value, float) else str(value)
 

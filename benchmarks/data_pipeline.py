@@ -59,8 +59,9 @@ WORKERS = 2
 
 
 # --------------------------------------------------------------------------- data
-def build_task_shards(scratch: Path, photos: int, variants: int, per_shard: int
-                      ) -> list[TaskShards]:
+def build_task_shards(
+    scratch: Path, photos: int, variants: int, per_shard: int
+) -> list[TaskShards]:
     source = photo_folder(scratch / "photos", photos)
     shards = []
     for task_id, name in enumerate(TASKS):
@@ -76,16 +77,21 @@ def build_task_shards(scratch: Path, photos: int, variants: int, per_shard: int
 def ray_stream(tasks: list[TaskShards], crop: int, samples: int, seed: int = 0):
     plan = StreamPlan(tasks=tuple(tasks), weights={}, crop=crop, samples=samples, seed=seed)
     shard = training_dataset(plan).streaming_split(1, equal=True)[0]
-    batches = shard.iter_torch_batches(batch_size=BATCH, drop_last=True,
-                                       local_shuffle_buffer_size=4 * BATCH)  # as train.py asks
+    batches = shard.iter_torch_batches(
+        batch_size=BATCH, drop_last=True, local_shuffle_buffer_size=4 * BATCH
+    )  # as train.py asks
     return ((b["lq"], b["gt"], b["task_id"]) for b in batches)
 
 
 def _passes(tasks: list[TaskShards], samples: int) -> list[tuple[str, int]]:
     """Every task's shards, repeated so one pass covers ``samples`` (with the stream's margin)."""
     per_task = samples * 1.25 / len(tasks)
-    return [(url, t.task_id) for t in tasks
-            for _ in range(max(1, int(np.ceil(per_task / t.samples)))) for url in t.urls]
+    return [
+        (url, t.task_id)
+        for t in tasks
+        for _ in range(max(1, int(np.ceil(per_task / t.samples))))
+        for url in t.urls
+    ]
 
 
 def _decode_rgb8(data: bytes) -> np.ndarray:
@@ -102,8 +108,9 @@ class _PlainCrop:
     def __call__(self, sample: dict) -> tuple[np.ndarray, np.ndarray, int]:
         if self.rng is None:  # one generator per DataLoader worker process
             self.rng = np.random.default_rng(torch.utils.data.get_worker_info().seed % 2**32)
-        lq, gt = augment(_decode_rgb8(sample["lq.png"]), _decode_rgb8(sample["gt.png"]),
-                         self.crop, self.rng)
+        lq, gt = augment(
+            _decode_rgb8(sample["lq.png"]), _decode_rgb8(sample["gt.png"]), self.crop, self.rng
+        )
         return np.ascontiguousarray(lq), np.ascontiguousarray(gt), self.ids[sample["__url__"]]
 
 
@@ -113,7 +120,8 @@ def plain_loader(tasks: list[TaskShards], crop: int, samples: int):
     reads = _passes(tasks, samples)
     urls = [url for url, _ in reads]
     dataset = wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False, seed=0).map(
-        _PlainCrop(crop, dict(reads)))
+        _PlainCrop(crop, dict(reads))
+    )
     return iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=WORKERS))
 
 
@@ -121,10 +129,15 @@ def _stock_crop(crop: int, ids: dict[str, int]):
     rng = np.random.default_rng(0)
 
     def crop_batch(batch: dict) -> dict:
-        pairs = [augment(lq, gt, crop, rng) for lq, gt in zip(batch["lq.png"], batch["gt.png"],
-                                                               strict=True)]
-        return {"lq": np.stack([lq for lq, _ in pairs]), "gt": np.stack([gt for _, gt in pairs]),
-                "task_id": np.array([ids[m["task"]] for m in batch["json"]])}
+        pairs = [
+            augment(lq, gt, crop, rng)
+            for lq, gt in zip(batch["lq.png"], batch["gt.png"], strict=True)
+        ]
+        return {
+            "lq": np.stack([lq for lq, _ in pairs]),
+            "gt": np.stack([gt for _, gt in pairs]),
+            "task_id": np.array([ids[m["task"]] for m in batch["json"]]),
+        }
 
     return crop_batch
 
@@ -160,8 +173,13 @@ def throughput(make, tasks, crop: int, samples: int) -> dict[str, float]:
             seen += lq.shape[0]
         del batches
     first_wall = first - window.started
-    return {"first": first_wall, "rate": (seen - BATCH) / (window.wall - first_wall),
-            "cpu": window.cpu / seen, "others": window.others, "samples": seen}
+    return {
+        "first": first_wall,
+        "rate": (seen - BATCH) / (window.wall - first_wall),
+        "cpu": window.cpu / seen,
+        "others": window.others,
+        "samples": seen,
+    }
 
 
 # --------------------------------------------------------------------------- training loop
@@ -199,14 +217,20 @@ def training_wait(make, tasks, crop: int, steps: int, warmup: int, stage: int) -
             wait += time.perf_counter() - start
             step(*batch)
     del batches
-    return {"wait": wait / steps, "compute": (window.wall - wait) / steps,
-            "cpu": window.cpu / steps, "others": window.others}
+    return {
+        "wait": wait / steps,
+        "compute": (window.wall - wait) / steps,
+        "cpu": window.cpu / steps,
+        "others": window.others,
+    }
 
 
 def _same_batch(crop: int):
     generator = torch.Generator().manual_seed(0)
-    batch = tuple(torch.randint(0, 256, (BATCH, crop, crop, 3), dtype=torch.uint8,
-                                generator=generator) for _ in range(2))
+    batch = tuple(
+        torch.randint(0, 256, (BATCH, crop, crop, 3), dtype=torch.uint8, generator=generator)
+        for _ in range(2)
+    )
     return itertools.repeat((*batch, torch.zeros(BATCH, dtype=torch.long)))
 
 
@@ -220,8 +244,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000, help="per throughput measurement")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per pipeline")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--stage-samples", type=int, default=20000,
-                        help="samples the training measurement's stage is planned for")
+    parser.add_argument(
+        "--stage-samples",
+        type=int,
+        default=20000,
+        help="samples the training measurement's stage is planned for",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="throughput passes per pipeline")
     parser.add_argument("--quick", action="store_true", help="800 samples, 1 repeat, 15 steps")
     args = parser.parse_args()
@@ -233,39 +261,92 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         tasks = build_task_shards(Path(scratch), args.photos, args.variants, args.samples_per_shard)
         start_ray(None)
-        print(f"data pipelines: {len(tasks)} tasks, {sum(len(t.urls) for t in tasks)} shards, "
-              f"{sum(t.samples for t in tasks)} samples of 256x256 PNG pairs; batch {BATCH}, "
-              f"crop {args.crop}, {WORKERS} worker processes; torch {torch.get_num_threads()} "
-              f"threads; {load_note()}\n")
-        cold = {name: throughput(make, tasks, args.crop, 4 * BATCH)["first"]
-                for name, make in PIPELINES.items()}  # warm-up: Ray starts its worker processes
+        print(
+            f"data pipelines: {len(tasks)} tasks, {sum(len(t.urls) for t in tasks)} shards, "
+            f"{sum(t.samples for t in tasks)} samples of 256x256 PNG pairs; batch {BATCH}, "
+            f"crop {args.crop}, {WORKERS} worker processes; torch {torch.get_num_threads()} "
+            f"threads; {load_note()}\n"
+        )
+        cold = {
+            name: throughput(make, tasks, args.crop, 4 * BATCH)["first"]
+            for name, make in PIPELINES.items()
+        }  # warm-up: Ray starts its worker processes
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in PIPELINES}
         for r in range(args.repeats):
             for name in PIPELINES if r % 2 == 0 else reversed(PIPELINES):
                 runs[name].append(throughput(PIPELINES[name], tasks, args.crop, args.samples))
-        med = {name: {k: statistics.median(run[k] for run in results) for k in results[0]}
-               for name, results in runs.items()}
-        rows = [[name, f"{cold[name]:.2f}", f"{m['first']:.2f}", m["rate"],
-                 f"{m['rate'] / med[BASELINE]['rate']:.2f}x", f"{1000 * m['cpu']:.1f}",
-                 f"{m['others']:.2f}"] for name, m in med.items()]
-        print(f"one planned pass of about {args.samples * 1.25:.0f} samples, median of "
-              f"{args.repeats}\n")
-        print(table(["pipeline", "first batch, cold s", "first batch s", "samples/s after it",
-                     "vs plain", "CPU ms/sample", "others' cores"], rows))
+        med = {
+            name: {k: statistics.median(run[k] for run in results) for k in results[0]}
+            for name, results in runs.items()
+        }
+        rows = [
+            [
+                name,
+                f"{cold[name]:.2f}",
+                f"{m['first']:.2f}",
+                m["rate"],
+                f"{m['rate'] / med[BASELINE]['rate']:.2f}x",
+                f"{1000 * m['cpu']:.1f}",
+                f"{m['others']:.2f}",
+            ]
+            for name, m in med.items()
+        ]
+        print(
+            f"one planned pass of about {args.samples * 1.25:.0f} samples, median of "
+            f"{args.repeats}\n"
+        )
+        print(
+            table(
+                [
+                    "pipeline",
+                    "first batch, cold s",
+                    "first batch s",
+                    "samples/s after it",
+                    "vs plain",
+                    "CPU ms/sample",
+                    "others' cores",
+                ],
+                rows,
+            )
+        )
 
         loops = {"in-memory batch (no pipeline)": None, **dict(list(PIPELINES.items())[:2])}
-        results = {name: training_wait(make, tasks, args.crop, args.steps, args.warmup,
-                                       args.stage_samples) for name, make in loops.items()}
+        results = {
+            name: training_wait(make, tasks, args.crop, args.steps, args.warmup, args.stage_samples)
+            for name, make in loops.items()
+        }
         alone = results["in-memory batch (no pipeline)"]
-        rows = [[name, f"{1000 * r['wait']:.1f}", f"{1000 * r['compute']:.0f}",
-                 f"{100 * r['wait'] / (r['wait'] + r['compute']):.1f}%",
-                 f"{r['compute'] / alone['compute']:.2f}x", f"{r['cpu']:.2f}", f"{r['others']:.2f}"]
-                for name, r in results.items()]
-        print(f"\ntraining promptir tiny, Adam, batch {BATCH}x3x{args.crop}x{args.crop}, "
-              f"{torch.get_num_threads()} torch threads: means over {args.steps} steps after "
-              f"{args.warmup} warm-up, in a stage planned for {args.stage_samples} samples\n")
-        print(table(["pipeline", "data wait ms/step", "compute ms/step", "wait / step",
-                     "compute vs in-memory", "CPU s/step (all)", "others' cores"], rows))
+        rows = [
+            [
+                name,
+                f"{1000 * r['wait']:.1f}",
+                f"{1000 * r['compute']:.0f}",
+                f"{100 * r['wait'] / (r['wait'] + r['compute']):.1f}%",
+                f"{r['compute'] / alone['compute']:.2f}x",
+                f"{r['cpu']:.2f}",
+                f"{r['others']:.2f}",
+            ]
+            for name, r in results.items()
+        ]
+        print(
+            f"\ntraining promptir tiny, Adam, batch {BATCH}x3x{args.crop}x{args.crop}, "
+            f"{torch.get_num_threads()} torch threads: means over {args.steps} steps after "
+            f"{args.warmup} warm-up, in a stage planned for {args.stage_samples} samples\n"
+        )
+        print(
+            table(
+                [
+                    "pipeline",
+                    "data wait ms/step",
+                    "compute ms/step",
+                    "wait / step",
+                    "compute vs in-memory",
+                    "CPU s/step (all)",
+                    "others' cores",
+                ],
+                rows,
+            )
+        )
 
 
 if __name__ == "__main__":

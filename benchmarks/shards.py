@@ -41,8 +41,9 @@ def build_once(task: TaskConfig, source: Path, out: Path, per_shard: int, worker
     return manifest, window
 
 
-def measure(task: TaskConfig, source: Path, scratch: Path, per_shard: int, repeats: int,
-            photos: int) -> tuple[list[list[object]], bool]:
+def measure(
+    task: TaskConfig, source: Path, scratch: Path, per_shard: int, repeats: int, photos: int
+) -> tuple[list[list[object]], bool]:
     runs: dict[int, list] = {1: [], 2: []}
     digests: dict[int, list[str]] = {}
     for r in range(repeats):
@@ -58,8 +59,20 @@ def measure(task: TaskConfig, source: Path, scratch: Path, per_shard: int, repea
         others = statistics.median(w.others for _, _, w in results)
         rate = samples / wall
         base = base or rate
-        rows.append([workers, shards, samples, wall, photos / wall, rate, f"{rate / base:.2f}x",
-                     f"{1000 * cpu / samples:.1f}", f"{cpu / wall:.2f}", f"{others:.2f}"])
+        rows.append(
+            [
+                workers,
+                shards,
+                samples,
+                wall,
+                photos / wall,
+                rate,
+                f"{rate / base:.2f}x",
+                f"{1000 * cpu / samples:.1f}",
+                f"{cpu / wall:.2f}",
+                f"{others:.2f}",
+            ]
+        )
     return rows, digests[1] == digests[2]
 
 
@@ -68,8 +81,13 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=24)
     parser.add_argument("--variants", type=int, default=8)
     parser.add_argument("--crop", type=int, default=256)
-    parser.add_argument("--samples-per-shard", type=int, nargs="+", default=[8, 64],
-                        help="one table per value: many small shards, and the pipelines' default")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        nargs="+",
+        default=[8, 64],
+        help="one table per value: many small shards, and the pipelines' default",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="12 photos, 4 variants, 1 repeat")
     args = parser.parse_args()
@@ -77,18 +95,38 @@ def main() -> None:
         args.photos, args.variants, args.repeats = 12, 4, 1
 
     task = TaskConfig.model_validate(
-        {**TASK, "train": {"variants": args.variants, "crop": args.crop}})
-    print(f"shard build: {args.photos} photos x {args.variants} variants, crop {args.crop}, "
-          f"blur -> noise -> jpeg; median of {args.repeats}; {load_note()}")
+        {**TASK, "train": {"variants": args.variants, "crop": args.crop}}
+    )
+    print(
+        f"shard build: {args.photos} photos x {args.variants} variants, crop {args.crop}, "
+        f"blur -> noise -> jpeg; median of {args.repeats}; {load_note()}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as scratch_dir:
         scratch = Path(scratch_dir)
         source = photo_folder(scratch / "photos", args.photos)
         for per_shard in args.samples_per_shard:
             rows, identical = measure(task, source, scratch, per_shard, args.repeats, args.photos)
-            print(f"\n{per_shard} samples per shard (identical shards from 1 and 2 workers: "
-                  f"{'yes' if identical else 'NO'})\n")
-            print(table(["workers", "shards", "samples", "wall s", "images/s", "samples/s",
-                         "vs 1 worker", "CPU ms/sample", "parallelism", "others' cores"], rows))
+            print(
+                f"\n{per_shard} samples per shard (identical shards from 1 and 2 workers: "
+                f"{'yes' if identical else 'NO'})\n"
+            )
+            print(
+                table(
+                    [
+                        "workers",
+                        "shards",
+                        "samples",
+                        "wall s",
+                        "images/s",
+                        "samples/s",
+                        "vs 1 worker",
+                        "CPU ms/sample",
+                        "parallelism",
+                        "others' cores",
+                    ],
+                    rows,
+                )
+            )
 
 
 if __name__ == "__main__":

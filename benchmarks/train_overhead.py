@@ -64,8 +64,9 @@ def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build("promptir", "tiny", task_names=TASKS)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas,
-                                  weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train, steps))
     data = {k: torch.from_numpy(v) for k, v in crops(crop, POOL).items()}
     timings = []
@@ -83,8 +84,12 @@ def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: 
         if i >= warmup:
             timings.append(time.perf_counter() - start)
     median = statistics.median(timings)
-    return {"compute": median, "step": median, "threads": torch.get_num_threads(),
-            "omp": os.environ.get("OMP_NUM_THREADS", "unset")}
+    return {
+        "compute": median,
+        "step": median,
+        "threads": torch.get_num_threads(),
+        "omp": os.environ.get("OMP_NUM_THREADS", "unset"),
+    }
 
 
 # --------------------------------------------------------------------------- the platform
@@ -124,16 +129,27 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
     rows = [{k: v[i % POOL] for k, v in pool.items()} for i in range((steps + warmup + 4) * BATCH)]
     dataset = ray.data.from_items(rows).materialize()  # in memory: no decoding during the steps
     timings = scratch / "timings.json"
-    job = StageJob(stage=0, stage_name="bench", steps=warmup + steps,
-                   model={"name": "promptir", "preset": "tiny", "overrides": {}},
-                   task_names=list(TASKS), train=train.model_dump(mode="json"),
-                   batch_size=BATCH, seed=0, extra={"timings": str(timings)})
+    job = StageJob(
+        stage=0,
+        stage_name="bench",
+        steps=warmup + steps,
+        model={"name": "promptir", "preset": "tiny", "overrides": {}},
+        task_names=list(TASKS),
+        train=train.model_dump(mode="json"),
+        batch_size=BATCH,
+        seed=0,
+        extra={"timings": str(timings)},
+    )
     trainer = TorchTrainer(
-        _timed_stage, train_loop_config=job_dict(job),
+        _timed_stage,
+        train_loop_config=job_dict(job),
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker=_worker_resources(train)),
-        run_config=RunConfig(name="bench-train-overhead", storage_path=str(scratch / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(
+            name="bench-train-overhead",
+            storage_path=str(scratch / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
         datasets={"train": dataset},
     )
     called = time.time()
@@ -142,9 +158,14 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
     batch_at, done_at = record["batch_at"], record["done_at"]
     compute = [d - b for b, d in zip(batch_at, done_at, strict=False)][warmup:]
     whole = [b - a for a, b in zip(done_at, done_at[1:], strict=False)][warmup:]
-    return {"compute": statistics.median(compute), "step": statistics.median(whole),
-            "threads": record["threads"], "omp": record["omp"],
-            "first_batch": batch_at[0] - called, "first_step": done_at[0] - called}
+    return {
+        "compute": statistics.median(compute),
+        "step": statistics.median(whole),
+        "threads": record["threads"],
+        "omp": record["omp"],
+        "first_batch": batch_at[0] - called,
+        "first_step": done_at[0] - called,
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -162,8 +183,9 @@ def main() -> None:
     from allinone.run import start_ray
 
     # What the platform would run: one worker, ZeRO stage as asked, checkpoint only at the end.
-    train = TrainSection(zero_stage=args.zero, num_workers=1, checkpoint_every=10**6,
-                         log_every=10**6)
+    train = TrainSection(
+        zero_stage=args.zero, num_workers=1, checkpoint_every=10**6, log_every=10**6
+    )
     threads = train.threads_per_worker or max(1, (os.cpu_count() or 1))  # as train._set_threads
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         before = bare_loop(train, args.crop, args.steps, args.warmup, threads)
@@ -173,21 +195,48 @@ def main() -> None:
     # The bare loop runs before and after the platform, so load drifting meanwhile hits both.
     bare = {**before, **{k: (before[k] + after[k]) / 2 for k in ("compute", "step")}}
 
-    print(f"\ntraining step, promptir tiny, batch {BATCH}x3x{args.crop}x{args.crop}, fp32, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; {load_note()}\n")
+    print(
+        f"\ntraining step, promptir tiny, batch {BATCH}x3x{args.crop}x{args.crop}, fp32, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; {load_note()}\n"
+    )
     rows = []
-    for name, result in ((f"Ray Train + DeepSpeed ZeRO-{args.zero} (train_stage)", platform),
-                         ("bare PyTorch loop", bare)):
-        rows.append([name, f"{1000 * result['compute']:.0f}", f"{1000 * result['step']:.0f}",
-                     f"{result['compute'] / bare['compute']:.2f}x",
-                     f"{result['step'] / bare['step']:.2f}x", str(result["threads"]),
-                     str(result["omp"])])
-    print(table(["loop", "compute ms/step", "whole step ms", "compute vs bare", "step vs bare",
-                 "torch threads", "OMP_NUM_THREADS"], rows))
-    print(f"\nbare loop before / after the platform: {1000 * before['compute']:.0f} / "
-          f"{1000 * after['compute']:.0f} ms per step (the table uses their mean)")
-    print(f"platform start-up: trainer.fit() -> first batch in the loop "
-          f"{platform['first_batch']:.1f} s, -> first step done {platform['first_step']:.1f} s")
+    for name, result in (
+        (f"Ray Train + DeepSpeed ZeRO-{args.zero} (train_stage)", platform),
+        ("bare PyTorch loop", bare),
+    ):
+        rows.append(
+            [
+                name,
+                f"{1000 * result['compute']:.0f}",
+                f"{1000 * result['step']:.0f}",
+                f"{result['compute'] / bare['compute']:.2f}x",
+                f"{result['step'] / bare['step']:.2f}x",
+                str(result["threads"]),
+                str(result["omp"]),
+            ]
+        )
+    print(
+        table(
+            [
+                "loop",
+                "compute ms/step",
+                "whole step ms",
+                "compute vs bare",
+                "step vs bare",
+                "torch threads",
+                "OMP_NUM_THREADS",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nbare loop before / after the platform: {1000 * before['compute']:.0f} / "
+        f"{1000 * after['compute']:.0f} ms per step (the table uses their mean)"
+    )
+    print(
+        f"platform start-up: trainer.fit() -> first batch in the loop "
+        f"{platform['first_batch']:.1f} s, -> first step done {platform['first_step']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,11 @@ def free_port() -> int:
 
 
 def base_env(token_file: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH"))
+    }
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # a node's `python` is this venv's
         RAY_AUTH_TOKEN_PATH=str(token_file),  # this cluster's own token, not ~/.ray/auth_token
@@ -65,8 +68,9 @@ def base_env(token_file: Path) -> dict[str, str]:
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # A session of its own: Ctrl-C in the terminal reaches pytest, and teardown reaches these.
     with log.open("w") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def ray_node(temp_dir: Path, head: bool, ports: dict[str, int], cpus: int) -> list[str]:
@@ -76,13 +80,25 @@ def ray_node(temp_dir: Path, head: bool, ports: dict[str, int], cpus: int) -> li
     Each node needs a temp dir of its own, as on separate machines: sharing one, a node's
     runtime-env agent deletes the job's unpacked working dir that the other node still runs in,
     and both log monitors forward every worker line, so the driver prints each twice."""
-    common = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-              f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", "--object-store-memory=300000000",
-              f"--dashboard-agent-listen-port={free_port()}"]
+    common = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={cpus}",
+        "--object-store-memory=300000000",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
     if head:
-        return [*common, "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={ports['dashboard']}",
-                f"--ray-client-server-port={ports['client']}"]
+        return [
+            *common,
+            "--head",
+            f"--port={ports['gcs']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f"--ray-client-server-port={ports['client']}",
+        ]
     return [*common, f"--address=127.0.0.1:{ports['gcs']}", '--resources={"worker_node": 1}']
 
 
@@ -113,8 +129,9 @@ def get_json(url: str, token: str) -> dict:
         return json.loads(response.read())
 
 
-def wait_until(ready, what: str, processes: list[subprocess.Popen], timeout_s: float,
-               logs: list[Path]) -> None:
+def wait_until(
+    ready, what: str, processes: list[subprocess.Popen], timeout_s: float, logs: list[Path]
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in processes):
@@ -162,14 +179,26 @@ def services() -> Iterator[Services]:
         started.append(start(ray_node(root / "head", True, ports, cpus=3), head_env, logs["head"]))
         started.append(start(mlflow_command(root, tracking_uri), env, logs["mlflow"]))
         wait_until(lambda: listening(ports["gcs"]), "Ray head's GCS", started, 180, [logs["head"]])
-        started.append(start(ray_node(root / "node", False, ports, cpus=2), head_env,
-                             logs["worker"]))
-        wait_until(lambda: get_json(f"{dashboard}/api/version", token), "Ray dashboard",
-                   started, 180, [logs["head"]])
-        wait_until(lambda: alive_nodes(dashboard, token) == 2, "Ray worker node", started, 180,
-                   [logs["worker"]])
-        wait_until(lambda: mlflow_answers(tracking_uri), "MLflow server", started, 120,
-                   [logs["mlflow"]])
+        started.append(
+            start(ray_node(root / "node", False, ports, cpus=2), head_env, logs["worker"])
+        )
+        wait_until(
+            lambda: get_json(f"{dashboard}/api/version", token),
+            "Ray dashboard",
+            started,
+            180,
+            [logs["head"]],
+        )
+        wait_until(
+            lambda: alive_nodes(dashboard, token) == 2,
+            "Ray worker node",
+            started,
+            180,
+            [logs["worker"]],
+        )
+        wait_until(
+            lambda: mlflow_answers(tracking_uri), "MLflow server", started, 120, [logs["mlflow"]]
+        )
         client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
         yield Services(dashboard, tracking_uri, root / "artifacts", client_env)
     finally:
@@ -180,26 +209,51 @@ def services() -> Iterator[Services]:
 def mlflow_command(root: Path, uri: str) -> list[str]:
     # --artifacts-destination: the server stores uploads itself (proxied artifacts), so a job on
     # any node logs through HTTP and needs no filesystem shared with the server.
-    return [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1",
-            "--port", uri.rsplit(":", 1)[1], "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts")]
+    return [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        uri.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
 
 
-def allinone(*args: str, env: dict[str, str], timeout_s: float = 120
-             ) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "allinone"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+def allinone(
+    *args: str, env: dict[str, str], timeout_s: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "allinone"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 # --------------------------------------------------------------------------- the tests
 @pytest.fixture(scope="module")
 def smoke_job(services: Services) -> str:
     """Submit the smoke pipeline as a user would and follow it to its end; returns the job id."""
-    result = allinone("submit", "pipelines/smoke.yaml", "--address", services.dashboard,
-                      "--tracking-uri", services.tracking_uri,
-                      "--env", f"ALLINONE_DATA={SHARED_DATA}",
-                      env=services.client_env, timeout_s=SUBMIT_TIMEOUT_S)
+    result = allinone(
+        "submit",
+        "pipelines/smoke.yaml",
+        "--address",
+        services.dashboard,
+        "--tracking-uri",
+        services.tracking_uri,
+        "--env",
+        f"ALLINONE_DATA={SHARED_DATA}",
+        env=services.client_env,
+        timeout_s=SUBMIT_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     found = re.search(r"submitted job (\S+)", result.stdout)
     assert found, result.stdout[-2000:]
@@ -233,56 +287,75 @@ def test_submitted_run_is_tracked_and_registered(services: Services, smoke_job: 
 
 
 def test_jobs_status_and_list_know_the_finished_job(services: Services, smoke_job: str) -> None:
-    status = allinone("jobs", "status", smoke_job, "--address", services.dashboard,
-                      env=services.client_env)
+    status = allinone(
+        "jobs", "status", smoke_job, "--address", services.dashboard, env=services.client_env
+    )
     assert status.returncode == 0, status.stderr
     assert "SUCCEEDED" in status.stdout
 
-    listed = allinone("jobs", "list", env={**services.client_env,
-                                           "RAY_API_SERVER_ADDRESS": services.dashboard})
+    listed = allinone(
+        "jobs", "list", env={**services.client_env, "RAY_API_SERVER_ADDRESS": services.dashboard}
+    )
     assert listed.returncode == 0, listed.stderr
     assert smoke_job in listed.stdout
 
-    wrong = allinone("jobs", "list", "--address", services.dashboard,
-                     env={**services.client_env, "RAY_AUTH_TOKEN": "not-this-clusters-token"})
+    wrong = allinone(
+        "jobs",
+        "list",
+        "--address",
+        services.dashboard,
+        env={**services.client_env, "RAY_AUTH_TOKEN": "not-this-clusters-token"},
+    )
     assert wrong.returncode == 2
     assert "refused" in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
 
 
 def test_shipped_package_is_what_driver_and_worker_node_import(
-        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The job imports the submitted allinone, not the copy installed (editable) on the nodes."""
     from allinone import cluster
 
-    script = ("import allinone, ray; ray.init(); "
-              "where = ray.remote(resources={'worker_node': 1})(lambda: __import__('allinone')"
-              ".__file__); print('driver', allinone.__file__); "
-              "print('worker', ray.get(where.remote()))")
+    script = (
+        "import allinone, ray; ray.init(); "
+        "where = ray.remote(resources={'worker_node': 1})(lambda: __import__('allinone')"
+        ".__file__); print('driver', allinone.__file__); "
+        "print('worker', ray.get(where.remote()))"
+    )
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", services.client_env["RAY_AUTH_TOKEN_PATH"])
     client = cluster.connect(services.dashboard)
-    job_id = client.submit_job(entrypoint=shlex.join(["python", "-c", script]),
-                               runtime_env=cluster.job_runtime_env(REPO, {}))
+    job_id = client.submit_job(
+        entrypoint=shlex.join(["python", "-c", script]),
+        runtime_env=cluster.job_runtime_env(REPO, {}),
+    )
     info = cluster.follow(client, job_id, write=lambda _: None)
     logs = client.get_job_logs(job_id)
     assert str(info.status) == "SUCCEEDED", logs
-    paths = dict(line.split(" ", 1) for line in logs.splitlines()
-                 if line.startswith(("driver ", "worker ")))
+    paths = dict(
+        line.split(" ", 1) for line in logs.splitlines() if line.startswith(("driver ", "worker "))
+    )
     for path in paths.values():
         assert "runtime_resources" in path and not path.startswith(str(REPO)), paths
 
 
 def test_an_address_where_nothing_listens_fails_in_one_line() -> None:
     port = free_port()  # bound and released: nothing listens there now
-    result = allinone("submit", "pipelines/smoke.yaml", "--address", f"http://127.0.0.1:{port}",
-                      env=dict(os.environ))
+    result = allinone(
+        "submit",
+        "pipelines/smoke.yaml",
+        "--address",
+        f"http://127.0.0.1:{port}",
+        env=dict(os.environ),
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr
 
 
 # --------------------------------------------------------------------------- without a cluster
-def test_token_and_address_are_found_where_ray_looks(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_and_address_are_found_where_ray_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from allinone.cluster import find_token, resolve_address
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -320,8 +393,11 @@ def test_cluster_launcher_config_passes_rays_own_validation() -> None:
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
 
     # The on-premise recipe in the file's comments: provider "local", no node types.
-    local = {k: v for k, v in config.items()
-             if k not in ("available_node_types", "head_node_type", "max_workers")}
+    local = {
+        k: v
+        for k, v in config.items()
+        if k not in ("available_node_types", "head_node_type", "max_workers")
+    }
     local["provider"] = {"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.11"]}
     validate_config(prepare_config(local))
 

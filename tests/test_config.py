@@ -35,7 +35,11 @@ def test_the_seven_miour_tasks_and_unseen_ones_exist() -> None:
 
 
 BAD_TASKS = {
-    "noise sigma below zero": ("degrade:\n  - {op: gaussian_noise, sigma: -1}", "degrade.0", "sigma"),
+    "noise sigma below zero": (
+        "degrade:\n  - {op: gaussian_noise, sigma: -1}",
+        "degrade.0",
+        "sigma",
+    ),
     "jpeg quality above 100": ("degrade:\n  - {op: jpeg, quality: 101}", "degrade.0", "quality"),
     "jpeg quality zero": ("degrade:\n  - {op: jpeg, quality: [0, 50]}", "degrade.0", "quality"),
     "even blur kernel": ("degrade:\n  - {op: gaussian_blur, kernel: 8}", "degrade.0", "odd"),
@@ -44,9 +48,16 @@ BAD_TASKS = {
     "unknown op": ("degrade:\n  - {op: fog}", "degrade.0", "unknown degradation op 'fog'"),
     "typo'd key": ("degrade:\n  - {op: haze}\ntrian: {variants: 2}", "trian", "unknown field"),
     "typo'd param": ("degrade:\n  - {op: haze, bta: 1}", "degrade.0", "unknown parameter 'bta'"),
-    "inverted range": ("degrade:\n  - {op: gaussian_noise, sigma: [50, 15]}", "degrade.0", "inverted"),
-    "level naming no op param": ("degrade:\n  - {op: haze}\ntest: {levels: [{sigma: 2}]}",
-                                 "test.levels.0.sigma", "no op"),
+    "inverted range": (
+        "degrade:\n  - {op: gaussian_noise, sigma: [50, 15]}",
+        "degrade.0",
+        "inverted",
+    ),
+    "level naming no op param": (
+        "degrade:\n  - {op: haze}\ntest: {levels: [{sigma: 2}]}",
+        "test.levels.0.sigma",
+        "no op",
+    ),
 }
 
 
@@ -72,7 +83,9 @@ def test_bad_pipeline_fields(tmp_path: Path) -> None:
     for original, (replacement, field, words) in cases.items():
         path = tmp_path / "pipelines" / "p.yaml"
         path.parent.mkdir(exist_ok=True)
-        path.write_text(base.replace(original, replacement).replace("seed: 0", f"tasks_dir: {REPO / 'tasks'}"))
+        path.write_text(
+            base.replace(original, replacement).replace("seed: 0", f"tasks_dir: {REPO / 'tasks'}")
+        )
         with pytest.raises(ConfigError) as caught:
             load_pipeline(path)
         assert field in str(caught.value) and words in str(caught.value), str(caught.value)

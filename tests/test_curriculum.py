@@ -21,16 +21,24 @@ from allinone.tracking import TrackingError
 from conftest import REPO
 
 
-def write_pipeline(folder: Path, name: str, *, tasks=("denoise", "dehaze"), steps=(4, 4),
-                   mode: str = "cumulative", train: str = "", checkpoint_every: int = 2) -> Path:
+def write_pipeline(
+    folder: Path,
+    name: str,
+    *,
+    tasks=("denoise", "dehaze"),
+    steps=(4, 4),
+    mode: str = "cumulative",
+    train: str = "",
+    checkpoint_every: int = 2,
+) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"""
 name: {name}
-tasks_dir: {REPO / 'tasks'}
-tasks: [{', '.join(tasks)}]
+tasks_dir: {REPO / "tasks"}
+tasks: [{", ".join(tasks)}]
 data: {{samples_per_shard: 16, crop: 32, batch_size: 4}}
 model: {{name: promptir, preset: tiny}}
-curriculum: {{mode: {mode}, steps: [{', '.join(map(str, steps))}]}}
+curriculum: {{mode: {mode}, steps: [{", ".join(map(str, steps))}]}}
 train: {{lr: 1.0e-3, zero_stage: 2, checkpoint_every: {checkpoint_every}, log_every: 1{train}}}
 eval: {{max_images: 2}}
 """)
@@ -39,13 +47,20 @@ eval: {{max_images: 2}}
 
 def test_stage_plans_follow_the_mode(tmp_path: Path) -> None:
     three = ("denoise", "derain", "dehaze")
-    cumulative = plan_stages(load_pipeline(write_pipeline(tmp_path, "c", tasks=three, steps=(1, 2, 3))))
+    cumulative = plan_stages(
+        load_pipeline(write_pipeline(tmp_path, "c", tasks=three, steps=(1, 2, 3)))
+    )
     assert [s.tasks for s in cumulative] == [three[:1], three[:2], three]
     assert [s.steps for s in cumulative] == [1, 2, 3]
-    sequential = plan_stages(load_pipeline(
-        write_pipeline(tmp_path, "s", tasks=three, steps=(1, 2, 3), mode="sequential")))
+    sequential = plan_stages(
+        load_pipeline(
+            write_pipeline(tmp_path, "s", tasks=three, steps=(1, 2, 3), mode="sequential")
+        )
+    )
     assert [s.tasks for s in sequential] == [(t,) for t in three]
-    mixed = plan_stages(load_pipeline(write_pipeline(tmp_path, "m", tasks=three, steps=(6,), mode="mixed")))
+    mixed = plan_stages(
+        load_pipeline(write_pipeline(tmp_path, "m", tasks=three, steps=(6,), mode="mixed"))
+    )
     assert [(s.tasks, s.steps) for s in mixed] == [(three, 6)]
 
 
@@ -108,30 +123,47 @@ def test_a_second_run_in_the_same_workdir_needs_resume(finished_run) -> None:
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session) -> None:
-    pipeline = load_pipeline(write_pipeline(tmp_path, "faulty", tasks=("denoise",), steps=(8,),
-                                            checkpoint_every=3))
+    pipeline = load_pipeline(
+        write_pipeline(tmp_path, "faulty", tasks=("denoise",), steps=(8,), checkpoint_every=3)
+    )
     fault = {"fail_at_step": 4, "fail_marker": str(tmp_path / "killed-once")}
-    summary = run_pipeline(pipeline, RunOptions(tmp_path / "work", fault=fault, register=False),
-                           say=lambda *_: None)
+    summary = run_pipeline(
+        pipeline, RunOptions(tmp_path / "work", fault=fault, register=False), say=lambda *_: None
+    )
     assert (tmp_path / "killed-once").read_text() == "4", "the worker process was killed at step 4"
     assert list(summary["matrix"]) == ["stage1-denoise"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     state = json.loads((tmp_path / "work" / "state.json").read_text())
-    steps = [m.step for m in client.get_metric_history(state["stage_runs"]["stage1-denoise"], "train/loss")]
+    steps = [
+        m.step
+        for m in client.get_metric_history(state["stage_runs"]["stage1-denoise"], "train/loss")
+    ]
     # Steps 1-4 ran, the worker died before finishing step 5, the restart resumed at the step-3
     # checkpoint: only step 4 (less than one checkpoint interval) ran twice.
     assert sorted(steps) == [1, 2, 3, 4, 4, 5, 6, 7, 8]
 
 
-def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(tmp_path: Path, ray_session) -> None:
-    pipeline = load_pipeline(write_pipeline(tmp_path, "diverge", tasks=("denoise",), steps=(6,),
-                                            checkpoint_every=1, train=", lr: 1.0e+20, grad_clip: null"))
+def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(
+    tmp_path: Path, ray_session
+) -> None:
+    pipeline = load_pipeline(
+        write_pipeline(
+            tmp_path,
+            "diverge",
+            tasks=("denoise",),
+            steps=(6,),
+            checkpoint_every=1,
+            train=", lr: 1.0e+20, grad_clip: null",
+        )
+    )
     with pytest.raises(CurriculumError, match=r"non-finite .* at step \d"):
         run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
-    assert list((tmp_path / "work" / "ray").rglob("checkpoint_*/model.pt")), "last good checkpoint kept"
+    assert list((tmp_path / "work" / "ray").rglob("checkpoint_*/model.pt")), (
+        "last good checkpoint kept"
+    )
     assert json.loads((tmp_path / "work" / "state.json").read_text())["finished"] == {}
 
 
@@ -147,19 +179,34 @@ def test_tracking_server_that_does_not_answer(tmp_path: Path) -> None:
 def test_cli_reports_unreachable_ray_address(tmp_path: Path) -> None:
     path = write_pipeline(tmp_path, "noray", tasks=("denoise",), steps=(2,))
     result = subprocess.run(
-        [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(tmp_path / "w"),
-         "--address", "127.0.0.1:9"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "allinone",
+            "run",
+            str(path),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--address",
+            "127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
-    path = write_pipeline(tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(4, 16),
-                          checkpoint_every=4)
+    path = write_pipeline(
+        tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(4, 16), checkpoint_every=4
+    )
     workdir = tmp_path / "work"
     command = [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(workdir)]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         _wait_for_second_stage_checkpoint(workdir, driver)
     finally:
@@ -187,9 +234,14 @@ def _wait_for_second_stage_checkpoint(workdir: Path, driver: subprocess.Popen) -
     while time.monotonic() < deadline:
         assert driver.poll() is None, "the driver ended before it could be killed"
         state_file = workdir / "state.json"
-        if state_file.is_file() and "stage1-denoise" in json.loads(state_file.read_text())["finished"]:
+        if (
+            state_file.is_file()
+            and "stage1-denoise" in json.loads(state_file.read_text())["finished"]
+        ):
             # Ray Train counts a checkpoint once its controller has recorded it in the snapshot.
-            snapshots = list((workdir / "ray").glob("*stage2-dehaze*/checkpoint_manager_snapshot.json"))
+            snapshots = list(
+                (workdir / "ray").glob("*stage2-dehaze*/checkpoint_manager_snapshot.json")
+            )
             if snapshots and "checkpoint_" in snapshots[0].read_text():
                 return
         time.sleep(0.2)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from allinone import degradations as deg
 from allinone.degradations import OPS, apply_chain, check_param, get_op, sample_params, sample_rng
-from scipy import ndimage
 
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/train/CSun_Hays80"
 # Ops that draw nothing from the rng: different sample keys must give the same output.

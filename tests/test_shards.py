@@ -49,9 +49,15 @@ def photo_folder(tmp_path: Path, photos=PHOTOS) -> Path:
 
 
 def build(tmp_path: Path, source: Path, out: str = "out", task: Path | None = None, **kw):
-    request = BuildRequest(load_task(task or synthetic_task(tmp_path)), kw.pop("split", "train"),
-                           str(source), tmp_path / out, kw.pop("samples_per_shard", 2),
-                           kw.pop("seed", 0), kw.pop("skip_bad", False))
+    request = BuildRequest(
+        load_task(task or synthetic_task(tmp_path)),
+        kw.pop("split", "train"),
+        str(source),
+        tmp_path / out,
+        kw.pop("samples_per_shard", 2),
+        kw.pop("seed", 0),
+        kw.pop("skip_bad", False),
+    )
     return request, build_shards(request, workers=kw.pop("workers", 1))
 
 
@@ -65,7 +71,7 @@ def test_layout_members_and_manifest(tmp_path: Path) -> None:
         with tarfile.open(request.out / shard) as tar:
             members = tar.getnames()
         assert members == sorted(members), "members must be sorted by key"
-        for key, sample in iter_tar_samples(request.out / shard):
+        for _key, sample in iter_tar_samples(request.out / shard):
             assert set(sample) == {"lq.png", "gt.png", "json"}
             meta = json.loads(sample["json"])
             assert meta["task"] == "noise" and meta["split"] == "train"
@@ -139,27 +145,39 @@ def odd_inputs(folder: Path) -> dict[str, str]:
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     photo.save(folder / "rotated.jpg", exif=exif.tobytes())
     photo.resize((20, 30)).save(folder / "small.png")
-    return {"grey.png": "grey->rgb", "rgba.png": "rgba->rgb", "sixteen.png": "16bit->float",
-            "rotated.jpg": "exif-rotated", "small.png": "smaller than crop"}
+    return {
+        "grey.png": "grey->rgb",
+        "rgba.png": "rgba->rgb",
+        "sixteen.png": "16bit->float",
+        "rotated.jpg": "exif-rotated",
+        "small.png": "smaller than crop",
+    }
 
 
 def test_odd_inputs_are_converted_and_recorded(tmp_path: Path) -> None:
     expected = odd_inputs(tmp_path / "odd")
-    request, manifest = build(tmp_path, tmp_path / "odd", task=synthetic_task(tmp_path, crop=48, variants=1))
+    request, manifest = build(
+        tmp_path, tmp_path / "odd", task=synthetic_task(tmp_path, crop=48, variants=1)
+    )
     for name, conversion in expected.items():
         recorded = manifest["conversions"][str(tmp_path / "odd" / name)]
         assert any(conversion in c for c in recorded), (name, recorded)
-    assert read_image(tmp_path / "odd" / "rotated.jpg").pixels.shape[:2] == (96, 72)  # turned upright
+    assert read_image(tmp_path / "odd" / "rotated.jpg").pixels.shape[:2] == (
+        96,
+        72,
+    )  # turned upright
     assert verify_shards(request.out).problems == []
 
 
 @pytest.mark.parametrize("layout,folder", [("rain100l", "Rain100L"), ("sots", "SOTS")])
 def test_real_pairs_stay_paired(tmp_path: Path, layout: str, folder: str) -> None:
     task = REPO / "tasks" / f"{layout}.yaml"
-    request, manifest = build(tmp_path, TEST_SETS / folder, task=task, split="test", samples_per_shard=4)
+    request, manifest = build(
+        tmp_path, TEST_SETS / folder, task=task, split="test", samples_per_shard=4
+    )
     count = 0
     for url in shard_urls(request.out, layout, "test"):
-        for key, sample in iter_tar_samples(Path(url)):
+        for _key, sample in iter_tar_samples(Path(url)):
             meta = json.loads(sample["json"])
             lq_file, gt_file = Path(meta["lq_source"]), Path(meta["source"])
             if layout == "rain100l":
@@ -228,8 +246,22 @@ def test_cli_build_and_verify(tmp_path: Path) -> None:
 
     source = photo_folder(tmp_path)
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "allinone", "shards", "build", str(synthetic_task(tmp_path)),
-               "--source", str(source), "--out", str(out), "--samples-per-shard", "2", "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "allinone",
+        "shards",
+        "build",
+        str(synthetic_task(tmp_path)),
+        "--source",
+        str(source),
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        "2",
+        "--workers",
+        "2",
+    ]
     built = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     assert "6 samples in 3 shards" in built.stdout and "samples/s" in built.stdout

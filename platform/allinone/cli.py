@@ -31,7 +31,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (*USER_ERRORS, CurriculumError, ClusterError, TrackingError, JobError)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.splitlines()[0])
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=__doc__.splitlines()[0],
+)
 shards_app = typer.Typer(no_args_is_help=True, help="Build and verify WebDataset shards.")
 models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate task and pipeline configs.")
@@ -56,8 +62,10 @@ def main() -> None:
 def shards_build(
     task_yaml: Annotated[Path, typer.Argument(help="A task config, e.g. tasks/denoise.yaml")],
     out: Annotated[Path, typer.Option(help="Folder for this task split's shards")],
-    source: Annotated[str | None, typer.Option(help="'skimage', a folder of clean images, "
-                                                     "or a paired dataset's root")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(help="'skimage', a folder of clean images, or a paired dataset's root"),
+    ] = None,
     split: Annotated[str, typer.Option(help="train or test")] = "train",
     samples_per_shard: Annotated[int, typer.Option(min=1)] = 64,
     seed: Annotated[int, typer.Option()] = 0,
@@ -71,11 +79,14 @@ def shards_build(
     if split not in ("train", "test"):
         raise typer.BadParameter("must be 'train' or 'test'", param_hint="--split")
     task = load_task(task_yaml)
-    request = BuildRequest(task, split, _source(task_yaml, task, split, source), out,
-                           samples_per_shard, seed, skip_bad)
+    request = BuildRequest(
+        task, split, _source(task_yaml, task, split, source), out, samples_per_shard, seed, skip_bad
+    )
     manifest = build_with_progress(request, workers, console)
-    console.print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out}"
-                  + (f"; {len(manifest['skipped'])} files skipped" if manifest["skipped"] else ""))
+    console.print(
+        f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out}"
+        + (f"; {len(manifest['skipped'])} files skipped" if manifest["skipped"] else "")
+    )
 
 
 def _source(task_yaml: Path, task, split: str, given: str | None) -> str:
@@ -88,15 +99,19 @@ def _source(task_yaml: Path, task, split: str, given: str | None) -> str:
 
 
 @shards_app.command("verify")
-def shards_verify(folder: Annotated[Path, typer.Argument(help="A shard folder (searched recursively)")]) -> None:
+def shards_verify(
+    folder: Annotated[Path, typer.Argument(help="A shard folder (searched recursively)")],
+) -> None:
     """Re-check counts, sha256 hashes, and that every sample decodes into an equal-size pair."""
     from allinone.shards import verify_shards
 
     report = verify_shards(folder)
     for problem in report.problems:
         errors.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
-    console.print(f"{report.manifests} manifests, {report.shards} shards, {report.samples} samples: "
-                  + ("[red]FAILED[/]" if report.problems else "[green]OK[/]"))
+    console.print(
+        f"{report.manifests} manifests, {report.shards} shards, {report.samples} samples: "
+        + ("[red]FAILED[/]" if report.problems else "[green]OK[/]")
+    )
     if report.problems:
         raise typer.Exit(1)
 
@@ -111,14 +126,21 @@ def models_list() -> None:
     for name, entry in sorted(MODELS.items()):
         for preset in entry.presets:
             model = build(name, preset)
-            table.add_row(name, preset, f"{count_parameters(model):,}",
-                          f"{count_parameters(model, trainable_only=True):,}", entry.description)
+            table.add_row(
+                name,
+                preset,
+                f"{count_parameters(model):,}",
+                f"{count_parameters(model, trainable_only=True):,}",
+                entry.description,
+            )
     console.print(table)
 
 
 # --------------------------------------------------------------------------- configs
 @config_app.command("check")
-def config_check(paths: Annotated[list[Path], typer.Argument(help="Task or pipeline YAML files")]) -> None:
+def config_check(
+    paths: Annotated[list[Path], typer.Argument(help="Task or pipeline YAML files")],
+) -> None:
     """Validate configs; a file under tasks/ is a task, anything else a pipeline."""
     for path in paths:
         if path.resolve().parent.name == "tasks":
@@ -131,17 +153,25 @@ def config_check(paths: Annotated[list[Path], typer.Argument(help="Task or pipel
 # --------------------------------------------------------------------------- running
 @app.command("run")
 def run(
-    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline, e.g. pipelines/quickstart.yaml")],
+    pipeline_yaml: Annotated[
+        Path, typer.Argument(help="A pipeline, e.g. pipelines/quickstart.yaml")
+    ],
     workdir: Annotated[Path | None, typer.Option(help="Default: ./runs/<pipeline name>")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: local Ray")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
 ) -> None:
     """Run a whole curriculum: shards, stages, evaluation, registration."""
     from allinone.run import RunOptions, run_pipeline
 
     pipeline = load_pipeline(pipeline_yaml)
-    options = RunOptions(workdir or Path("runs") / pipeline.config.name, tracking_uri, address, resume)
+    options = RunOptions(
+        workdir or Path("runs") / pipeline.config.name, tracking_uri, address, resume
+    )
     summary = run_pipeline(pipeline, options, say=console.print)
     _print_matrix(summary)
 
@@ -152,29 +182,43 @@ def _print_matrix(summary: dict) -> None:
     for stage, scores in summary["matrix"].items():
         table.add_row(stage, *(f"{scores[t]:.2f}" for t in tasks))
     console.print(table)
-    console.print(f"average PSNR after the last stage: {summary['final']['final/average_psnr']:.2f} dB")
+    console.print(
+        f"average PSNR after the last stage: {summary['final']['final/average_psnr']:.2f} dB"
+    )
 
 
 # --------------------------------------------------------------------------- cluster jobs
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster.")
 app.add_typer(jobs_app, name="jobs")
 
-Address = Annotated[str | None, typer.Option(
-    help="The cluster's dashboard, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
-         "then $RAY_ADDRESS")]
+Address = Annotated[
+    str | None,
+    typer.Option(
+        help="The cluster's dashboard, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
+        "then $RAY_ADDRESS"
+    ),
+]
 
 
 @app.command("submit")
 def submit(
     pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline inside this project")],
     address: Address = None,
-    workdir: Annotated[str | None, typer.Option(
-        help="On the cluster; absolute on storage every node mounts for multi-node runs. "
-             "Default: runs/<job id> in the job's own (scratch) working directory")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(
-        help="MLflow server the job logs to; default: SQLite in the job's workdir")] = None,
-    env: Annotated[list[str] | None, typer.Option(
-        help="KEY=VALUE for the job, repeatable, e.g. ALLINONE_DATA=/mnt/data")] = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(
+            help="On the cluster; absolute on storage every node mounts for multi-node runs. "
+            "Default: runs/<job id> in the job's own (scratch) working directory"
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow server the job logs to; default: SQLite in the job's workdir"),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for the job, repeatable, e.g. ALLINONE_DATA=/mnt/data"),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends")] = True,
 ) -> None:
     """Run a pipeline on a Ray cluster through the Ray Jobs API (same as `run`, but remote)."""
@@ -184,9 +228,12 @@ def submit(
     client = cluster.connect(address)
     job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []))
     at = f"--address {client.get_address()}"
-    console.print(f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"
-                  f"  logs:   allinone jobs logs {job_id} {at} --follow",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"
+        f"  logs:   allinone jobs logs {job_id} {at} --follow",
+        highlight=False,
+        soft_wrap=True,
+    )
     if wait:
         _follow(client, job_id)
 
@@ -207,18 +254,22 @@ def _follow(client, job_id: str) -> None:
     try:
         info = cluster.follow(client, job_id)
     except KeyboardInterrupt:
-        errors.print(f"stopped following; job {job_id} goes on "
-                     f"(allinone jobs stop {job_id} to end it)", highlight=False)
+        errors.print(
+            f"stopped following; job {job_id} goes on (allinone jobs stop {job_id} to end it)",
+            highlight=False,
+        )
         raise typer.Exit(130) from None
-    console.print(f"job {job_id}: {_status_line(info)}", highlight=False, markup=False,
-                  soft_wrap=True)
+    console.print(
+        f"job {job_id}: {_status_line(info)}", highlight=False, markup=False, soft_wrap=True
+    )
     if str(info.status) != "SUCCEEDED":
         raise typer.Exit(1)
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: Annotated[str, typer.Argument(help="A submission id")],
-                address: Address = None) -> None:
+def jobs_status(
+    job_id: Annotated[str, typer.Argument(help="A submission id")], address: Address = None
+) -> None:
     """A job's status and Ray's message about it."""
     from allinone import cluster
 
@@ -233,10 +284,11 @@ def _status_line(info) -> str:
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: Annotated[str, typer.Argument(help="A submission id")],
-              address: Address = None,
-              follow: Annotated[bool, typer.Option(help="Stream until the job ends")] = False,
-              ) -> None:
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="A submission id")],
+    address: Address = None,
+    follow: Annotated[bool, typer.Option(help="Stream until the job ends")] = False,
+) -> None:
     """A job's driver output so far, or streamed until it ends with --follow."""
     from allinone import cluster
 
@@ -259,8 +311,12 @@ def jobs_list(address: Address = None) -> None:
         table.add_column(name, no_wrap=True)
     table.add_column("entrypoint")
     for job in cluster.list_jobs(cluster.connect(address)):
-        table.add_row(job.submission_id or job.job_id or "?", str(job.status),
-                      _time_of(job.start_time), escape(job.entrypoint))
+        table.add_row(
+            job.submission_id or job.job_id or "?",
+            str(job.status),
+            _time_of(job.start_time),
+            escape(job.entrypoint),
+        )
     console.print(table)
 
 
@@ -273,8 +329,9 @@ def _time_of(epoch_ms: int | None) -> str:
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: Annotated[str, typer.Argument(help="A submission id")],
-              address: Address = None) -> None:
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="A submission id")], address: Address = None
+) -> None:
     """Ask the cluster to stop a job."""
     from allinone import cluster
 

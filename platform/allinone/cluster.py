@@ -44,8 +44,19 @@ if TYPE_CHECKING:
 # What never needs to travel to the cluster: environments, run outputs, local stores, caches.
 # Ray also honours .gitignore and .rayignore; these hold where neither exists (an unpacked sdist).
 PROJECT_EXCLUDES = [
-    ".venv/", "venv/", ".git/", "runs/", "mlruns/", "mlartifacts/", "*.db",
-    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "build/", "dist/",
+    ".venv/",
+    "venv/",
+    ".git/",
+    "runs/",
+    "mlruns/",
+    "mlartifacts/",
+    "*.db",
+    "__pycache__/",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    "build/",
+    "dist/",
 ]
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's CLI reads them in this order
 
@@ -61,8 +72,9 @@ def resolve_address(given: str | None) -> str:
     """The dashboard URL: ``--address``, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``."""
     address = given or next((os.environ[v] for v in ADDRESS_VARIABLES if os.environ.get(v)), None)
     if not address:
-        raise JobError("no Ray cluster given: pass --address http://HEAD:8265 "
-                       "or set RAY_API_SERVER_ADDRESS")
+        raise JobError(
+            "no Ray cluster given: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
+        )
     return address.rstrip("/") if "://" in address else f"http://{address.rstrip('/')}"
 
 
@@ -97,8 +109,9 @@ def connect(address: str | None) -> JobSubmissionClient:
     except AuthenticationError as err:
         raise JobError(_refused(url, err, token is not None)) from None
     except (ConnectionError, RuntimeError, OSError) as err:
-        raise JobError(f"Ray cluster at {url} does not answer as a Ray dashboard: "
-                       f"{_first_line(err)}") from None
+        raise JobError(
+            f"Ray cluster at {url} does not answer as a Ray dashboard: {_first_line(err)}"
+        ) from None
 
 
 def check_listening(url: str, timeout_s: float = 5.0) -> None:
@@ -119,8 +132,11 @@ def check_listening(url: str, timeout_s: float = 5.0) -> None:
 def _quiet_ray_client() -> None:
     # The job client logs each file it leaves out of the upload and each closed log stream at INFO
     # or WARNING; our own lines say what was submitted, and its errors still reach us as exceptions.
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                 "ray._private.runtime_env"):
+    for name in (
+        "ray.dashboard.modules.dashboard_sdk",
+        "ray.dashboard.modules.job.sdk",
+        "ray._private.runtime_env",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -136,10 +152,11 @@ def _address_variables_unset() -> Iterator[None]:
 
 def _refused(url: str, err: Exception, sent_token: bool) -> str:
     status = str(getattr(err, "message", err)).splitlines()[0]
-    fix = ("the token sent is not this cluster's" if sent_token
-           else "no token found here")
-    return (f"Ray cluster at {url} refused the request ({status}): {fix}; copy ~/.ray/auth_token "
-            "from the head node to this machine, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    fix = "the token sent is not this cluster's" if sent_token else "no token found here"
+    return (
+        f"Ray cluster at {url} refused the request ({status}): {fix}; copy ~/.ray/auth_token "
+        "from the head node to this machine, or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -164,12 +181,15 @@ def project_root(pipeline_path: Path) -> Path:
     for folder in pipeline_path.resolve().parents:
         if (folder / "pyproject.toml").is_file():
             return folder
-    raise JobError(f"{pipeline_path}: no pyproject.toml above it, so no project to ship; "
-                   "keep pipelines inside the project")
+    raise JobError(
+        f"{pipeline_path}: no pyproject.toml above it, so no project to ship; "
+        "keep pipelines inside the project"
+    )
 
 
-def job_entrypoint(pipeline: Pipeline, project: Path, workdir: str,
-                   tracking_uri: str | None) -> str:
+def job_entrypoint(
+    pipeline: Pipeline, project: Path, workdir: str, tracking_uri: str | None
+) -> str:
     shipped = _shipped(pipeline.path, project)
     args = ["python", "-m", "allinone", "run", shipped, "--workdir", workdir]
     if tracking_uri:
@@ -195,21 +215,35 @@ def _shipped(path: Path, project: Path) -> str:
     try:
         return path.resolve().relative_to(project).as_posix()
     except ValueError:
-        raise JobError(f"{path} lies outside the shipped project {project}; "
-                       "move it inside so that it travels with the job") from None
+        raise JobError(
+            f"{path} lies outside the shipped project {project}; "
+            "move it inside so that it travels with the job"
+        ) from None
 
 
-def submit(client: JobSubmissionClient, pipeline: Pipeline, workdir: str | None,
-           tracking_uri: str | None, env: dict[str, str]) -> str:
+def submit(
+    client: JobSubmissionClient,
+    pipeline: Pipeline,
+    workdir: str | None,
+    tracking_uri: str | None,
+    env: dict[str, str],
+) -> str:
     """Submit ``allinone run`` of a pipeline; returns the job's submission id."""
     project = project_root(pipeline.path)
     for name in pipeline.tasks:
         _shipped(pipeline.task_path(name), project)  # every task file must travel with the job
     job_id = f"allinone-{pipeline.config.name}-{secrets.token_hex(4)}"
     entrypoint = job_entrypoint(pipeline, project, workdir or f"runs/{job_id}", tracking_uri)
-    return _ask(client, "submitting", lambda: client.submit_job(
-        entrypoint=entrypoint, submission_id=job_id, runtime_env=job_runtime_env(project, env),
-        metadata={"pipeline": _shipped(pipeline.path, project)}))
+    return _ask(
+        client,
+        "submitting",
+        lambda: client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env=job_runtime_env(project, env),
+            metadata={"pipeline": _shipped(pipeline.path, project)},
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- following
@@ -230,8 +264,12 @@ def stop_job(client: JobSubmissionClient, job_id: str) -> bool:
     return _ask(client, f"stopping job {job_id}", lambda: client.stop_job(job_id))
 
 
-def follow(client: JobSubmissionClient, job_id: str, write: Callable[[str], Any] = sys.stdout.write,
-           settle_s: float = 30.0) -> JobDetails:
+def follow(
+    client: JobSubmissionClient,
+    job_id: str,
+    write: Callable[[str], Any] = sys.stdout.write,
+    settle_s: float = 30.0,
+) -> JobDetails:
     """Stream a job's logs until it ends; returns its final details."""
     job_info(client, job_id)  # an unknown id fails here with one line, not in the log stream
 
@@ -240,8 +278,12 @@ def follow(client: JobSubmissionClient, job_id: str, write: Callable[[str], Any]
             write(chunk)
             sys.stdout.flush()
 
-    _ask(client, f"log stream of job {job_id} (it goes on; follow it again with "
-                 f"`allinone jobs logs {job_id} --follow`)", lambda: asyncio.run(tail()))
+    _ask(
+        client,
+        f"log stream of job {job_id} (it goes on; follow it again with "
+        f"`allinone jobs logs {job_id} --follow`)",
+        lambda: asyncio.run(tail()),
+    )
     # The stream closes as the job ends; its status may take a moment to say so.
     deadline = time.monotonic() + settle_s
     while True:

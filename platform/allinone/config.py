@@ -58,10 +58,14 @@ class DegradationStep(Strict):
     @model_validator(mode="after")
     def _check_op_and_params(self) -> DegradationStep:
         if self.op not in degradations.OPS:
-            raise ValueError(f"unknown degradation op {self.op!r} (known: {sorted(degradations.OPS)})")
+            raise ValueError(
+                f"unknown degradation op {self.op!r} (known: {sorted(degradations.OPS)})"
+            )
         op = degradations.OPS[self.op]
         for name, value in self.params.items():
-            problem = degradations.check_param(op, name, list(value) if isinstance(value, tuple) else value)
+            problem = degradations.check_param(
+                op, name, list(value) if isinstance(value, tuple) else value
+            )
             if problem:
                 raise ValueError(f"{self.op}.{name}: {problem}")
         return self
@@ -109,7 +113,9 @@ class TaskConfig(Strict):
             if not self.degrade:
                 raise ValueError("a synthetic task needs a non-empty 'degrade' chain")
             if self.layout is not None:
-                raise ValueError("'layout' is for paired tasks; a synthetic task degrades clean images")
+                raise ValueError(
+                    "'layout' is for paired tasks; a synthetic task degrades clean images"
+                )
             for split in ("train", "test"):
                 self._check_levels(split, getattr(self, split).levels)
             for i, bench in enumerate(self.benchmarks):
@@ -124,9 +130,15 @@ class TaskConfig(Strict):
     def _check_levels(self, split: str, levels: list[dict[str, float]]) -> None:
         for i, level in enumerate(levels):
             for name, value in level.items():
-                owners = [s for s in self.degrade if name in {p.name for p in degradations.OPS[s.op].params}]
+                owners = [
+                    s
+                    for s in self.degrade
+                    if name in {p.name for p in degradations.OPS[s.op].params}
+                ]
                 if not owners:
-                    raise ValueError(f"{split}.levels.{i}.{name}: no op in 'degrade' has this parameter")
+                    raise ValueError(
+                        f"{split}.levels.{i}.{name}: no op in 'degrade' has this parameter"
+                    )
                 for step in owners:
                     problem = degradations.check_param(degradations.OPS[step.op], name, value)
                     if problem:
@@ -237,7 +249,9 @@ class DataSection(Strict):
 
 class CurriculumSection(Strict):
     mode: Literal["cumulative", "sequential", "mixed"] = "cumulative"
-    steps: list[Annotated[int, Field(ge=1)]]  # per stage, in task order (mixed: one entry or the sum)
+    steps: list[
+        Annotated[int, Field(ge=1)]
+    ]  # per stage, in task order (mixed: one entry or the sum)
     weights: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
 
@@ -352,15 +366,24 @@ def _check_model(config: PipelineConfig, path: Path) -> None:
 
     entry = MODELS.get(config.model.name)
     if entry is None:
-        raise ConfigError(path, "model.name", f"unknown model {config.model.name!r} (known: {sorted(MODELS)})")
+        raise ConfigError(
+            path, "model.name", f"unknown model {config.model.name!r} (known: {sorted(MODELS)})"
+        )
     if config.model.preset not in entry.presets:
-        raise ConfigError(path, "model.preset", f"{config.model.name} has no preset {config.model.preset!r} "
-                                                f"(presets: {sorted(entry.presets)})")
+        raise ConfigError(
+            path,
+            "model.preset",
+            f"{config.model.name} has no preset {config.model.preset!r} "
+            f"(presets: {sorted(entry.presets)})",
+        )
     parameters = inspect.signature(entry.builder).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     accepted = {p.name for p in parameters}
     for key in config.model.overrides:
         if key not in accepted:
-            raise ConfigError(path, f"model.{key}", f"unknown field for model {config.model.name} "
-                                                    f"(accepted: {sorted(accepted)})")
+            raise ConfigError(
+                path,
+                f"model.{key}",
+                f"unknown field for model {config.model.name} (accepted: {sorted(accepted)})",
+            )

@@ -68,12 +68,15 @@ class RunState:
         if not path.is_file():
             return cls(pipeline=pipeline.config.name, attempt=os.urandom(4).hex())
         if not resume:
-            raise CurriculumError(f"{workdir} holds an earlier run of {pipeline.config.name}: "
-                                  "pass --resume to continue it, or choose another --workdir")
+            raise CurriculumError(
+                f"{workdir} holds an earlier run of {pipeline.config.name}: "
+                "pass --resume to continue it, or choose another --workdir"
+            )
         state = cls(**json.loads(path.read_text()))
         if state.pipeline != pipeline.config.name:
-            raise CurriculumError(f"{path}: belongs to pipeline {state.pipeline!r}, "
-                                  f"not {pipeline.config.name!r}")
+            raise CurriculumError(
+                f"{path}: belongs to pipeline {state.pipeline!r}, not {pipeline.config.name!r}"
+            )
         return state
 
     def save(self, workdir: Path) -> None:
@@ -103,8 +106,14 @@ def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build
                 override = None  # a clean-photo folder is no paired dataset
             source, origin, field_name = _split_source(pipeline, name, split, override)
             resolved = resolve_source(source, origin.parent, origin, field_name)
-            request = BuildRequest(task, split, str(resolved), shard_folder(workdir, name, split),
-                                   config.data.samples_per_shard, config.seed)
+            request = BuildRequest(
+                task,
+                split,
+                str(resolved),
+                shard_folder(workdir, name, split),
+                config.data.samples_per_shard,
+                config.seed,
+            )
             manifest = build_shards(request, workers=workers)
             on_build(f"shards {name}/{split}: {manifest['samples']} samples")
 
@@ -128,9 +137,16 @@ class StageResult:
     steps: int
 
 
-def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
-              init_weights: Path | None, tracking_uri: str, run_id: str,
-              fault: dict[str, Any] | None = None) -> StageResult:
+def fit_stage(
+    pipeline: Pipeline,
+    workdir: Path,
+    stage: Stage,
+    state: RunState,
+    init_weights: Path | None,
+    tracking_uri: str,
+    run_id: str,
+    fault: dict[str, Any] | None = None,
+) -> StageResult:
     """Train one stage under Ray Train; returns the stage's final weights in the work dir."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -141,21 +157,33 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
     status_dir = workdir / "ray" / run_name
     (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
     job = StageJob(
-        stage=stage.index, stage_name=stage.name, steps=stage.steps,
-        model={"name": config.model.name, "preset": config.model.preset,
-               "overrides": config.model.overrides},
-        task_names=list(config.tasks), train=train.model_dump(mode="json"),
-        batch_size=config.data.batch_size, seed=config.seed + 1000 * stage.index,
+        stage=stage.index,
+        stage_name=stage.name,
+        steps=stage.steps,
+        model={
+            "name": config.model.name,
+            "preset": config.model.preset,
+            "overrides": config.model.overrides,
+        },
+        task_names=list(config.tasks),
+        train=train.model_dump(mode="json"),
+        batch_size=config.data.batch_size,
+        seed=config.seed + 1000 * stage.index,
         init_weights=str(init_weights) if init_weights else None,
-        tracking_uri=tracking_uri, mlflow_run_id=run_id, status_dir=str(status_dir.resolve()),
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        status_dir=str(status_dir.resolve()),
         **(fault or {}),
     )
     trainer = TorchTrainer(
         _train_stage_entry,
         train_loop_config=job_dict(job),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker=_worker_resources(train)),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=_worker_resources(train),
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=str((workdir / "ray").resolve()),
@@ -167,8 +195,9 @@ def fit_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; the user needs the first lines of the cause
-        raise CurriculumError(f"stage {stage.name} failed after {train.max_failures} restarts: "
-                              f"{_cause(err)}") from err
+        raise CurriculumError(
+            f"stage {stage.name} failed after {train.max_failures} restarts: {_cause(err)}"
+        ) from err
     return _collect(result, workdir, stage, status_dir)
 
 
@@ -197,7 +226,8 @@ def stage_dataset(pipeline: Pipeline, workdir: Path, stage: Stage):
     ids = {name: i for i, name in enumerate(config.tasks)}
     plan = StreamPlan(
         tasks=tuple(task_shards(shard_folder(workdir, t, "train"), t, ids[t]) for t in stage.tasks),
-        weights=dict(config.curriculum.weights), crop=config.data.crop,
+        weights=dict(config.curriculum.weights),
+        crop=config.data.crop,
         samples=stage.steps * config.data.batch_size * config.train.num_workers,
         seed=config.seed + stage.index,
     )
@@ -209,9 +239,15 @@ def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResu
     verdict = status_dir / NONFINITE_FILE
     if verdict.is_file():
         failure = json.loads(verdict.read_text())
-        kept = f"; the last good checkpoint is kept: {result.checkpoint.path}" if result.checkpoint else ""
-        raise CurriculumError(f"stage {stage.name}: loss became non-finite ({failure['loss']}) at "
-                              f"step {failure['step']}{kept}")
+        kept = (
+            f"; the last good checkpoint is kept: {result.checkpoint.path}"
+            if result.checkpoint
+            else ""
+        )
+        raise CurriculumError(
+            f"stage {stage.name}: loss became non-finite ({failure['loss']}) at "
+            f"step {failure['step']}{kept}"
+        )
     if result.error:
         raise CurriculumError(f"stage {stage.name} failed: {result.error}")
     if result.checkpoint is None or not metrics.get("final"):

@@ -39,23 +39,35 @@ def test_pairs(folder: Path, task: str, limit: int | None = None):
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield (key, decode_image_bytes(members["lq.png"], f"{url}:{key}"),
-                   decode_image_bytes(members["gt.png"], f"{url}:{key}"))
+            yield (
+                key,
+                decode_image_bytes(members["lq.png"], f"{url}:{key}"),
+                decode_image_bytes(members["gt.png"], f"{url}:{key}"),
+            )
 
 
 @torch.no_grad()
-def score_task(model: torch.nn.Module, folder: Path, task: str, limit: int | None = None,
-               tile: int | None = None, crop_border: int = 0) -> TaskScore:
+def score_task(
+    model: torch.nn.Module,
+    folder: Path,
+    task: str,
+    limit: int | None = None,
+    tile: int | None = None,
+    crop_border: int = 0,
+) -> TaskScore:
     model.eval()
     rows = []
     for _, lq, gt in test_pairs(folder, task, limit):
         restored = to_image(restore_tiled(model, to_tensor(lq), tile))
-        rows.append((
-            psnr(restored, gt, crop_border=crop_border), ssim(restored, gt, crop_border=crop_border),
-            psnr(restored, gt, crop_border=crop_border, y_channel=True),
-            ssim(restored, gt, crop_border=crop_border, y_channel=True),
-            psnr(lq, gt, crop_border=crop_border),
-        ))
+        rows.append(
+            (
+                psnr(restored, gt, crop_border=crop_border),
+                ssim(restored, gt, crop_border=crop_border),
+                psnr(restored, gt, crop_border=crop_border, y_channel=True),
+                ssim(restored, gt, crop_border=crop_border, y_channel=True),
+                psnr(lq, gt, crop_border=crop_border),
+            )
+        )
     if not rows:
         raise ValueError(f"{folder}: no test samples for task {task}")
     means = np.mean(np.array(rows, dtype=np.float64), axis=0)

@@ -115,8 +115,15 @@ def write_image_atomic(pixels: np.ndarray, path: Path) -> None:
     """Write to a temporary file in the same folder and rename, so a crash leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF",
-           ".tiff": "TIFF", ".webp": "WEBP"}.get(suffix, "PNG")
+    fmt = {
+        ".jpg": "JPEG",
+        ".jpeg": "JPEG",
+        ".png": "PNG",
+        ".bmp": "BMP",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".webp": "WEBP",
+    }.get(suffix, "PNG")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

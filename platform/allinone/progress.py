@@ -31,8 +31,14 @@ class RateColumn(ProgressColumn):
 def build_with_progress(request: BuildRequest, workers: int, console: Console) -> dict[str, Any]:
     specs, _ = plan_samples(request)
     files = len({s.item.gt for s in specs})
-    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-               TaskProgressColumn(), RateColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         files_bar = progress.add_task("files", total=files, unit="files")
         samples_bar = progress.add_task("samples", total=len(specs), unit="samples")

@@ -42,15 +42,20 @@ def _signature():
     return ModelSignature(inputs=spec, outputs=spec)
 
 
-def log_and_register(model: torch.nn.Module, name: str, metrics: dict[str, float],
-                     suite: str) -> dict[str, Any]:
+def log_and_register(
+    model: torch.nn.Module, name: str, metrics: dict[str, float], suite: str
+) -> dict[str, Any]:
     """Log ``model`` in the active run, register a version, and give it the alias it earned."""
     import mlflow
 
     package = Path(__file__).resolve().parent
     info = mlflow.pytorch.log_model(
-        model.eval(), name="model", serialization_format="pickle", code_paths=[str(package)],
-        signature=_signature(), registered_model_name=name,
+        model.eval(),
+        name="model",
+        serialization_format="pickle",
+        code_paths=[str(package)],
+        signature=_signature(),
+        registered_model_name=name,
         pip_requirements=_requirements(),
     )
     version = str(info.registered_model_version)
@@ -60,8 +65,10 @@ def log_and_register(model: torch.nn.Module, name: str, metrics: dict[str, float
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "mlflow", "numpy",
-                                                  "open_clip_torch", "diffusers")]
+    return [
+        f"{pkg}=={version(pkg)}"
+        for pkg in ("torch", "torchvision", "mlflow", "numpy", "open_clip_torch", "diffusers")
+    ]
 
 
 def assign_alias(name: str, version: str, score: float | None, suite: str) -> dict[str, Any]:
@@ -100,6 +107,11 @@ def register_weights(pipeline: Pipeline, weights: Path | None, summary: dict[str
     if weights is None:
         return None
     suite = "all-in-one:" + ",".join(pipeline.config.tasks)
-    result = log_and_register(load_weights(pipeline, weights), DEFAULT_NAME, summary["final"], suite)
-    say(f"registered {result['name']} v{result['version']} as @{result['alias']} ({result['reason']})")
+    result = log_and_register(
+        load_weights(pipeline, weights), DEFAULT_NAME, summary["final"], suite
+    )
+    say(
+        f"registered {result['name']} v{result['version']} as @{result['alias']} "
+        f"({result['reason']})"
+    )
     return result

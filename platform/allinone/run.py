@@ -24,7 +24,6 @@ from allinone.curriculum import (
     shard_folder,
 )
 
-
 # Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
 # threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
 # Ray Train's print patch would echo every progress line twice on the driver.
@@ -63,11 +62,17 @@ def start_ray(address: str | None) -> None:
             # Spare logical CPUs for Ray Data's readers: on 2 cores a 2-worker trainer would
             # otherwise take every CPU and the stream would starve (DESIGN.md).
             cores = os.cpu_count() or 2
-            ray.init(address="local", num_cpus=max(4, 2 * cores), include_dashboard=False,
-                     runtime_env={"env_vars": WORKER_ENV})
+            ray.init(
+                address="local",
+                num_cpus=max(4, 2 * cores),
+                include_dashboard=False,
+                runtime_env={"env_vars": WORKER_ENV},
+            )
     except (ConnectionError, TimeoutError, RuntimeError) as err:
-        raise ClusterError(f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
-                           f"does not answer: {str(err).splitlines()[0]}") from None
+        raise ClusterError(
+            f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
+            f"does not answer: {str(err).splitlines()[0]}"
+        ) from None
     quiet_ray_data()
 
 
@@ -80,7 +85,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise ClusterError(f"Ray cluster at {address} does not answer ({err.strerror or err})") from None
+        raise ClusterError(
+            f"Ray cluster at {address} does not answer ({err.strerror or err})"
+        ) from None
 
 
 def quiet_ray_data() -> None:
@@ -118,8 +125,9 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
                 weights = Path(state.finished[stage.name]["weights"])
                 matrix[stage.name] = state.finished[stage.name]["psnr"]
                 continue
-            weights, scores = _run_stage(pipeline, workdir, stage, state, weights, uri,
-                                         experiment, options, say)
+            weights, scores = _run_stage(
+                pipeline, workdir, stage, state, weights, uri, experiment, options, say
+            )
             matrix[stage.name] = scores
         summary = _summarise(pipeline, matrix)
         mlflow.log_metrics(summary["final"])
@@ -131,20 +139,38 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
     return summary
 
 
-def _run_stage(pipeline: Pipeline, workdir: Path, stage: Stage, state: RunState,
-               weights: Path | None, uri: str, experiment: str, options: RunOptions, say):
+def _run_stage(
+    pipeline: Pipeline,
+    workdir: Path,
+    stage: Stage,
+    state: RunState,
+    weights: Path | None,
+    uri: str,
+    experiment: str,
+    options: RunOptions,
+    say,
+):
     import mlflow
 
     say(f"{stage.name}: training {', '.join(stage.tasks)} for {stage.steps} steps")
-    with tracking.run(state.stage_runs.get(stage.name), experiment, stage.name, nested=True) as run_id:
+    with tracking.run(
+        state.stage_runs.get(stage.name), experiment, stage.name, nested=True
+    ) as run_id:
         if stage.name not in state.stage_runs:
             state.stage_runs[stage.name] = run_id
             state.save(workdir)
-            mlflow.log_params({"stage.index": stage.index, "stage.tasks": ",".join(stage.tasks),
-                               "stage.steps": stage.steps})
+            mlflow.log_params(
+                {
+                    "stage.index": stage.index,
+                    "stage.tasks": ",".join(stage.tasks),
+                    "stage.steps": stage.steps,
+                }
+            )
         result = fit_stage(pipeline, workdir, stage, state, weights, uri, run_id, options.fault)
         scores = _score_stage(pipeline, workdir, result.weights)
-        mlflow.log_metrics({k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()})
+        mlflow.log_metrics(
+            {k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()}
+        )
         mlflow.log_param("checkpoint", str(result.weights))
         psnr = {task: score.psnr for task, score in scores.items()}
         say(f"{stage.name}: " + ", ".join(f"{t} {p:.2f} dB" for t, p in psnr.items()))
@@ -159,8 +185,10 @@ def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path):
 
     model = load_weights(pipeline, weights)
     limit, tile = pipeline.config.eval.max_images, pipeline.config.eval.tile
-    return {task: score_task(model, shard_folder(workdir, task, "test"), task, limit, tile)
-            for task in pipeline.config.tasks}
+    return {
+        task: score_task(model, shard_folder(workdir, task, "test"), task, limit, tile)
+        for task in pipeline.config.tasks
+    }
 
 
 def _log_config(pipeline: Pipeline) -> None:
@@ -169,7 +197,9 @@ def _log_config(pipeline: Pipeline) -> None:
     config = pipeline.config.model_dump(mode="json")
     mlflow.log_params(tracking.flat_params(config))
     tracking.log_json(config, "config/pipeline.json")
-    tracking.log_json({n: t.model_dump(mode="json") for n, t in pipeline.tasks.items()}, "config/tasks.json")
+    tracking.log_json(
+        {n: t.model_dump(mode="json") for n, t in pipeline.tasks.items()}, "config/tasks.json"
+    )
 
 
 def _summarise(pipeline: Pipeline, matrix: dict[str, dict[str, float]]) -> dict[str, Any]:

@@ -130,11 +130,19 @@ def make_sample(request: BuildRequest, spec: SampleSpec, cache: _ImageCache) -> 
     if split.crop and min(gt.shape[:2]) < split.crop:
         conversions.append(f"smaller than crop {split.crop}: kept whole")
     meta = {
-        "task": task.name, "split": request.split, "params": params, "source": spec.item.gt,
-        "lq_source": spec.item.lq, "level": spec.level, "conversions": conversions,
+        "task": task.name,
+        "split": request.split,
+        "params": params,
+        "source": spec.item.gt,
+        "lq_source": spec.item.lq,
+        "level": spec.level,
+        "conversions": conversions,
     }
-    return {"lq.png": encode_png(lq), "gt.png": encode_png(gt),
-            "json": json.dumps(meta, sort_keys=True).encode()}
+    return {
+        "lq.png": encode_png(lq),
+        "gt.png": encode_png(gt),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
 
 
 def _with_level(item: tuple[str, dict], level: dict[str, float]) -> tuple[str, dict]:
@@ -143,12 +151,16 @@ def _with_level(item: tuple[str, dict], level: dict[str, float]) -> tuple[str, d
     return op, {**params, **{k: v for k, v in level.items() if k in names}}
 
 
-def _align_pair(gt: np.ndarray, lq: np.ndarray, item: SourceItem) -> tuple[np.ndarray, np.ndarray, str]:
+def _align_pair(
+    gt: np.ndarray, lq: np.ndarray, item: SourceItem
+) -> tuple[np.ndarray, np.ndarray, str]:
     if gt.shape == lq.shape:
         return gt, lq, ""
     (gh, gw), (lh, lw) = gt.shape[:2], lq.shape[:2]
     if abs(gh - lh) > MAX_PAIR_MISMATCH * gh or abs(gw - lw) > MAX_PAIR_MISMATCH * gw:
-        raise ImageReadError(f"{item.lq}: size {lw}x{lh} does not match ground truth {item.gt} ({gw}x{gh})")
+        raise ImageReadError(
+            f"{item.lq}: size {lw}x{lh} does not match ground truth {item.gt} ({gw}x{gh})"
+        )
     h, w = min(gh, lh), min(gw, lw)
     return _centre(gt, h, w), _centre(lq, h, w), f"pair centre-cropped to common size {w}x{h}"
 
@@ -178,8 +190,10 @@ class _ImageCache:
         if ref not in self.images:
             image = load_clean(ref)
             if min(image.pixels.shape[:2]) < MIN_SIDE:
-                raise ImageReadError(f"{ref}: image is {image.pixels.shape[1]}x{image.pixels.shape[0]}, "
-                                     f"smaller than {MIN_SIDE}x{MIN_SIDE}")
+                raise ImageReadError(
+                    f"{ref}: image is {image.pixels.shape[1]}x{image.pixels.shape[0]}, "
+                    f"smaller than {MIN_SIDE}x{MIN_SIDE}"
+                )
             if len(self.images) >= self.size:
                 self.images.pop(next(iter(self.images)))
             self.images[ref] = image
@@ -205,8 +219,12 @@ def _encode_piece(request: BuildRequest, specs: list[SampleSpec]) -> list[Encode
     return list(encode_samples(request, specs))
 
 
-def write_shard(request: BuildRequest, index: int, specs: list[SampleSpec],
-                encoded: Iterable[Encoded] | None = None) -> ShardResult:
+def write_shard(
+    request: BuildRequest,
+    index: int,
+    specs: list[SampleSpec],
+    encoded: Iterable[Encoded] | None = None,
+) -> ShardResult:
     """Write one shard atomically from its samples (encoded here unless ``encoded`` brings them,
     in order); refused inputs raise, or are skipped with ``skip_bad``."""
     encoded = encode_samples(request, specs) if encoded is None else encoded
@@ -271,9 +289,13 @@ def build_shards(
     request.out.mkdir(parents=True, exist_ok=True)
     specs, refused = plan_samples(request)
     if refused and not request.skip_bad:
-        raise ShardError(f"{refused[0].file}: {refused[0].reason} (use --skip-bad to record it and go on)")
-    chunks = [specs[i : i + request.samples_per_shard]
-              for i in range(0, len(specs), request.samples_per_shard)]
+        raise ShardError(
+            f"{refused[0].file}: {refused[0].reason} (use --skip-bad to record it and go on)"
+        )
+    chunks = [
+        specs[i : i + request.samples_per_shard]
+        for i in range(0, len(specs), request.samples_per_shard)
+    ]
     manifest = _start_manifest(request, specs, refused, len(chunks))
     todo = [i for i in range(len(chunks)) if not _shard_is_done(request, manifest, i)]
     _remove_stale_shards(request, len(chunks))
@@ -342,13 +364,20 @@ def _start_manifest(request, specs, refused, n_shards) -> dict[str, Any]:
     if previous and previous.get("fingerprint") == print_:
         return previous | {"complete": False}
     return {
-        "task": request.task.name, "split": request.split, "kind": request.task.kind,
-        "config": request.task.model_dump(mode="json"), "seed": request.seed,
-        "samples_per_shard": request.samples_per_shard, "source": str(request.source),
-        "fingerprint": print_, "complete": False, "samples": 0,
+        "task": request.task.name,
+        "split": request.split,
+        "kind": request.task.kind,
+        "config": request.task.model_dump(mode="json"),
+        "seed": request.seed,
+        "samples_per_shard": request.samples_per_shard,
+        "source": str(request.source),
+        "fingerprint": print_,
+        "complete": False,
+        "samples": 0,
         "shards": [None] * n_shards,
         "source_files": sorted({f for s in specs for f in (s.item.gt, s.item.lq) if f}),
-        "skipped": [asdict(r) for r in refused], "conversions": {},
+        "skipped": [asdict(r) for r in refused],
+        "conversions": {},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -368,7 +397,11 @@ def _remove_stale_shards(request: BuildRequest, n_shards: int) -> None:
 
 def _record(manifest: dict[str, Any], result: ShardResult) -> None:
     index = int(Path(result.name).stem.rsplit("-", 1)[-1])
-    manifest["shards"][index] = {"name": result.name, "count": result.count, "sha256": result.sha256}
+    manifest["shards"][index] = {
+        "name": result.name,
+        "count": result.count,
+        "sha256": result.sha256,
+    }
     manifest["skipped"] += [asdict(r) for r in result.refused]
     manifest["conversions"].update(result.conversions)
 
@@ -381,8 +414,10 @@ def read_manifest(out: Path, task: str, split: str) -> dict[str, Any] | None:
         return None
     manifest = json.loads(path.read_text())
     if (manifest.get("task"), manifest.get("split")) != (task, split):
-        raise ShardError(f"{path}: holds shards of {manifest.get('task')}/{manifest.get('split')}, "
-                         f"not {task}/{split}; build each task split into its own folder")
+        raise ShardError(
+            f"{path}: holds shards of {manifest.get('task')}/{manifest.get('split')}, "
+            f"not {task}/{split}; build each task split into its own folder"
+        )
     return manifest
 
 
@@ -415,7 +450,7 @@ class VerifyReport:
 
 
 def verify_shards(folder: Path) -> VerifyReport:
-    """Re-check every manifest in a folder: counts, hashes, and that each sample decodes as a pair."""
+    """Re-check every manifest in a folder: counts, hashes, each sample decoding as a pair."""
     report = VerifyReport()
     paths = sorted(folder.rglob(MANIFEST))
     if not paths:
@@ -432,7 +467,9 @@ def verify_shards(folder: Path) -> VerifyReport:
             continue
         counted = sum(s["count"] for s in manifest["shards"] if s)
         if counted != manifest.get("samples"):
-            report.problems.append(f"{path}: shards hold {counted} samples, manifest says {manifest.get('samples')}")
+            report.problems.append(
+                f"{path}: shards hold {counted} samples, manifest says {manifest.get('samples')}"
+            )
     return report
 
 

@@ -2,7 +2,7 @@
 
 Layouts of paired datasets, as their authors ship them:
 - ``rain100l``: ``rain/rain-001.png`` pairs with ``norain/norain-001.png``;
-- ``sots``: ``hazy/0001_0.8_0.2.jpg`` pairs with ``clear/0001.png`` (name up to the first underscore;
+- ``sots``: ``hazy/0001_0.8_0.2.jpg`` pairs with ``clear/0001.png`` (name up to the first '_';
   the numbers are the airlight and scattering coefficient used to synthesise the haze);
 - ``lq_gt``: ``lq/NAME`` pairs with ``gt/NAME`` (same file name).
 """
@@ -21,8 +21,19 @@ from allinone.images import LoadedImage, is_image_file, read_image
 # scikit-image's bundled photographs (shipped in the wheel, so nothing is downloaded). Grey ones
 # are kept on purpose: they exercise the grey->RGB path and add texture variety.
 SKIMAGE_PHOTOS: tuple[str, ...] = (
-    "astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "hubble_deep_field",
-    "immunohistochemistry", "moon", "motorcycle_left", "motorcycle_right", "rocket",
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "motorcycle_left",
+    "motorcycle_right",
+    "rocket",
 )
 
 
@@ -59,8 +70,10 @@ def clean_items(source: str | Path) -> list[SourceItem]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
     if not files:
         raise SourceError(f"{folder}: no image files found")
-    return [SourceItem(stem=safe_stem(str(p.relative_to(folder).with_suffix(""))), gt=str(p))
-            for p in files]
+    return [
+        SourceItem(stem=safe_stem(str(p.relative_to(folder).with_suffix(""))), gt=str(p))
+        for p in files
+    ]
 
 
 def paired_items(root: str | Path, layout: str) -> tuple[list[SourceItem], list[Refused]]:
@@ -101,8 +114,11 @@ def _pair_by_name(lq_dir: Path, gt_dir: Path, gt_stem_of) -> tuple[list[SourceIt
             continue
         used.add(gt.stem)
         items.append(SourceItem(stem=safe_stem(lq.stem), gt=str(gt), lq=str(lq)))
-    refused += [Refused(str(p), f"no degraded counterpart in {lq_dir}")
-                for stem, p in gts.items() if stem not in used]
+    refused += [
+        Refused(str(p), f"no degraded counterpart in {lq_dir}")
+        for stem, p in gts.items()
+        if stem not in used
+    ]
     return items, refused
 
 

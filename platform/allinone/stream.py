@@ -1,4 +1,4 @@
-"""The training stream: each task's shards, decoded, cropped, flipped and mixed by weight, in Ray Data.
+"""The training stream: each task's shards decoded, cropped, flipped and mixed by weight (Ray Data).
 
 Reading a shard, decoding and cropping happen in ONE Ray task per shard (``from_items`` of shard
 reads, ``flat_map`` to crops). The stock ``read_webdataset`` materialises every full-size decoded
@@ -144,9 +144,12 @@ def training_dataset(plan: StreamPlan):
     context = dataset.context
     limit = read_ahead_bytes(plan)
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
-        object_store_memory=limit)
-    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes,
-                                                 IdleBackoff]
+        object_store_memory=limit
+    )
+    context.custom_execution_callback_classes = [
+        *context.custom_execution_callback_classes,
+        IdleBackoff,
+    ]
     return dataset
 
 

@@ -49,7 +49,9 @@ def _first_line(err: BaseException) -> str:
 def run(run_id: str | None, experiment_id: str, name: str, nested: bool = False) -> Iterator[str]:
     """Start (or reopen, when resuming) a run. It ends FINISHED only when the body completes;
     an exception, Ctrl-C included, marks it FAILED / KILLED."""
-    active = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=name, nested=nested)
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=experiment_id, run_name=name, nested=nested
+    )
     try:
         yield active.info.run_id
     except KeyboardInterrupt:
@@ -65,18 +67,22 @@ def log_json(data: Any, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(artifact_file).name
         path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        mlflow.log_artifact(
+            str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None
+        )
 
 
 def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``{"train.lr": "0.0002", ...}`` for ``mlflow.log_params`` (values <= 6000)."""
+    """Nested config -> ``{"train.lr": "0.0002", ...}`` for ``mlflow.log_params``."""
     flat: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             flat.update(flat_params(value, f"{name}."))
         else:
-            flat[name] = json.dumps(value, default=str)[:6000] if not isinstance(value, str) else value
+            flat[name] = (
+                json.dumps(value, default=str)[:6000] if not isinstance(value, str) else value
+            )
     return flat
 
 

@@ -107,8 +107,9 @@ def train_stage(config: dict[str, Any]) -> None:
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
     stream = ray.train.get_dataset_shard("train")
-    batches = stream.iter_torch_batches(batch_size=job.batch_size, drop_last=True,
-                                        local_shuffle_buffer_size=4 * job.batch_size)
+    batches = stream.iter_torch_batches(
+        batch_size=job.batch_size, drop_last=True, local_shuffle_buffer_size=4 * job.batch_size
+    )
     started = time.perf_counter()
     for batch in _forever(batches, stream, job.batch_size):
         if step >= job.steps:
@@ -125,7 +126,9 @@ def train_stage(config: dict[str, Any]) -> None:
             ema.update(engine.module)
         step += 1
         if logger:
-            logger.log(step, parts, engine.get_lr()[0], lq.shape[0] * world, time.perf_counter() - started)
+            logger.log(
+                step, parts, engine.get_lr()[0], lq.shape[0] * world, time.perf_counter() - started
+            )
         started = time.perf_counter()
         if step % train.checkpoint_every == 0 or step == job.steps:
             _report_checkpoint(engine, ema, job, step, parts, final=step == job.steps)
@@ -148,8 +151,12 @@ def _set_threads(train: TrainSection, workers_on_node: int) -> None:
 def _build_model(job: StageJob):
     from allinone.models import build
 
-    model = build(job.model["name"], job.model.get("preset", "tiny"),
-                  task_names=tuple(job.task_names), **job.model.get("overrides", {}))
+    model = build(
+        job.model["name"],
+        job.model.get("preset", "tiny"),
+        task_names=tuple(job.task_names),
+        **job.model.get("overrides", {}),
+    )
     if job.init_weights:
         state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -159,10 +166,15 @@ def _build_model(job: StageJob):
 def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
     config = deepspeed_config(train, job.batch_size, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None if train.offload_optimizer else torch.optim.AdamW(trainable, **_adam_params(train))
+    optimizer = (
+        None if train.offload_optimizer else torch.optim.AdamW(trainable, **_adam_params(train))
+    )
     factor = cosine_with_warmup(train, job.steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=trainable, optimizer=optimizer, config=config,
+        model=model,
+        model_parameters=trainable,
+        optimizer=optimizer,
+        config=config,
         # A callable: DeepSpeed hands it the bare optimizer, steps it in engine.step() and keeps
         # its state in the engine's checkpoints.
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
@@ -198,8 +210,13 @@ def _report_checkpoint(engine, ema, job: StageJob, step: int, parts: dict, final
             torch.save(weights, Path(folder) / WEIGHTS_FILE)
             if ema:
                 torch.save(ema.state_dict(), Path(folder) / "ema.pt")
-            state = {"stage": job.stage, "step": step, "final": final, "model": job.model,
-                     "task_names": job.task_names}
+            state = {
+                "stage": job.stage,
+                "step": step,
+                "final": final,
+                "model": job.model,
+                "task_names": job.task_names,
+            }
             (Path(folder) / STATE_FILE).write_text(json.dumps(state))
         metrics = {"step": step, "loss": parts["total"], "final": final}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -212,7 +229,9 @@ def consolidated_weights(engine, ema) -> dict[str, torch.Tensor]:
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        ):
             return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
 
@@ -241,7 +260,9 @@ def _record_nonfinite(job: StageJob, step: int, loss: float) -> None:
 
     if ray.train.get_context().get_world_rank() == 0 and job.status_dir:
         Path(job.status_dir).mkdir(parents=True, exist_ok=True)
-        (Path(job.status_dir) / NONFINITE_FILE).write_text(json.dumps({"step": step, "loss": str(loss)}))
+        (Path(job.status_dir) / NONFINITE_FILE).write_text(
+            json.dumps({"step": step, "loss": str(loss)})
+        )
 
 
 def _maybe_inject_failure(job: StageJob, step: int) -> None:
@@ -293,18 +314,29 @@ class StepLogger:
             self.client = MlflowClient(job.tracking_uri)
         self.window: list[tuple[float, float]] = []
 
-    def log(self, step: int, parts: dict[str, float], lr: float, samples: int, seconds: float) -> None:
+    def log(
+        self, step: int, parts: dict[str, float], lr: float, samples: int, seconds: float
+    ) -> None:
         self.window.append((samples, seconds))
         if step % self.every and step != self.job.steps:
             return
         rate = sum(s for s, _ in self.window) / max(1e-9, sum(t for _, t in self.window))
         self.window.clear()
-        print(f"[{self.job.stage_name}] step {step}/{self.job.steps} loss {parts['total']:.4f} "
-              f"lr {lr:.2e} {rate:.1f} samples/s", flush=True)
+        print(
+            f"[{self.job.stage_name}] step {step}/{self.job.steps} loss {parts['total']:.4f} "
+            f"lr {lr:.2e} {rate:.1f} samples/s",
+            flush=True,
+        )
         if self.client:
             named = {("loss" if k == "total" else k): v for k, v in parts.items()}
-            self._to_mlflow(step, {**{f"train/{k}": v for k, v in named.items()},
-                                   "train/lr": lr, "train/samples_per_s": rate})
+            self._to_mlflow(
+                step,
+                {
+                    **{f"train/{k}": v for k, v in named.items()},
+                    "train/lr": lr,
+                    "train/samples_per_s": rate,
+                },
+            )
 
     def _to_mlflow(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric

@@ -1,12 +1,14 @@
 """The model zoo: every architecture registers itself here and is built by name and preset.
 
-    model = allinone.models.build("promptir", preset="tiny", prompt_len=5)
+model = allinone.models.build("promptir", preset="tiny", prompt_len=5)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+# Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
+from allinone.models import clip_prompt, mioir, perceiver, pip, promptir  # noqa: E402,F401,I001  # noqa: E402,F401,I001
 from allinone.models.base import (
     DEFAULT_TASKS,
     MODELS,
@@ -16,10 +18,6 @@ from allinone.models.base import (
     count_parameters,
     task_ids,
 )
-
-# Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
-from allinone.models import promptir, mioir, pip  # noqa: E402,F401,I001
-from allinone.models import clip_prompt, perceiver  # noqa: E402,F401,I001
 
 __all__ = [
     "DEFAULT_TASKS",
@@ -41,7 +39,7 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def build(name: str, preset: str = "tiny", **overrides: Any) -> RestorationModel:
-    """Build a randomly initialised model from a preset, with any constructor argument overridden."""
+    """Build a randomly initialised model from a preset, overriding any constructor argument."""
     entry = get_entry(name)
     if preset not in entry.presets:
         raise ValueError(
