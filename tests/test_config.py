@@ -79,6 +79,7 @@ def test_bad_pipeline_fields(tmp_path: Path) -> None:
         "steps: [6, 6]": ("steps: [6]", "(top level)", "2 stage length"),
         "zero_stage: 2": ("zero_stage: 4", "train.zero_stage", "less than or equal to 3"),
         "name: promptir": ("name: nosuchmodel", "model.name", "unknown model"),
+        "crop: 32,": ("crop: 32, train_sources: {derain: /x},", "data.train_sources", "derain"),
     }
     for original, (replacement, field, words) in cases.items():
         path = tmp_path / "pipelines" / "p.yaml"
@@ -119,3 +120,19 @@ def test_env_expansion() -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "allinone", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_per_task_sources_take_precedence(tmp_path: Path) -> None:
+    from allinone.curriculum import _split_source
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        (REPO / "pipelines" / "smoke.yaml")
+        .read_text()
+        .replace("seed: 0", f"tasks_dir: {REPO / 'tasks'}")
+        .replace("crop: 32,", "crop: 32, train_source: photos, train_sources: {dehaze: hazy},")
+    )
+    pipeline = load_pipeline(path)
+    assert _split_source(pipeline, "dehaze", "train")[::2] == ("hazy", "data.train_sources.dehaze")
+    assert _split_source(pipeline, "denoise", "train")[::2] == ("photos", "data.train_source")
+    assert _split_source(pipeline, "denoise", "test")[2] == "test.source"

@@ -245,6 +245,9 @@ class DataSection(Strict):
     batch_size: int = Field(8, ge=1)  # per worker
     train_source: str | None = None  # overrides every task's train.source (e.g. a photo folder)
     test_source: str | None = None  # overrides every synthetic task's test.source
+    # Per task, e.g. {rain100l: /data/Rain100L/train}: a paired task's own dataset root.
+    train_sources: dict[str, str] = Field(default_factory=dict)
+    test_sources: dict[str, str] = Field(default_factory=dict)
 
 
 class CurriculumSection(Strict):
@@ -321,6 +324,11 @@ class PipelineConfig(Strict):
         unknown = sorted(set(self.curriculum.weights) - set(self.tasks))
         if unknown:
             raise ValueError(f"curriculum.weights: not tasks of this pipeline: {unknown}")
+        for field in ("train_sources", "test_sources"):
+            named = set(getattr(self.data, field))
+            unknown = sorted(named - set(self.tasks) - set(self.unseen_tasks))
+            if unknown:
+                raise ValueError(f"data.{field}: not tasks of this pipeline: {unknown}")
         return self
 
 

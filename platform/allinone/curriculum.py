@@ -101,10 +101,7 @@ def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build
     config = pipeline.config
     for name, task in pipeline.tasks.items():
         for split in ("train", "test"):
-            override = config.data.train_source if split == "train" else config.data.test_source
-            if override and task.kind == "paired":
-                override = None  # a clean-photo folder is no paired dataset
-            source, origin, field_name = _split_source(pipeline, name, split, override)
+            source, origin, field_name = _split_source(pipeline, name, split)
             resolved = resolve_source(source, origin.parent, origin, field_name)
             request = BuildRequest(
                 task,
@@ -118,9 +115,15 @@ def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build
             on_build(f"shards {name}/{split}: {manifest['samples']} samples")
 
 
-def _split_source(pipeline: Pipeline, task: str, split: str, override: str | None):
-    if override:
-        return override, pipeline.path, f"data.{split}_source"
+def _split_source(pipeline: Pipeline, task: str, split: str):
+    """Where a task's split comes from, with the config field that said so (for errors)."""
+    data = pipeline.config.data
+    per_task = data.train_sources if split == "train" else data.test_sources
+    if task in per_task:
+        return per_task[task], pipeline.path, f"data.{split}_sources.{task}"
+    shared = data.train_source if split == "train" else data.test_source
+    if shared and pipeline.tasks[task].kind == "synthetic":  # a photo folder holds no pairs
+        return shared, pipeline.path, f"data.{split}_source"
     source = pipeline.tasks[task].split(split).source
     path = pipeline.task_path(task)
     if source is None:

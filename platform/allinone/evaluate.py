@@ -1,11 +1,15 @@
-"""Scoring a model on a task's test shards: PSNR and SSIM on full-size images, RGB and Y.
+"""Scoring restorations: PSNR and SSIM on full-size images, RGB and Y, for models and baselines.
 
-Full images are restored in overlapping tiles when ``tile`` is set, so memory stays bounded
-whatever their size. The model is used blind (no task id): the all-in-one setting.
+One function, :func:`score_pairs`, scores any restorer (a network, a classical baseline, the
+identity) on any (key, degraded, ground truth) pairs, so every number in a results table comes
+from the same code on the same images. Full images are restored in overlapping tiles when
+``tile`` is set, so memory stays bounded whatever their size. Networks are used blind (no task
+id): the all-in-one setting.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,33 @@ from allinone.images import decode_image_bytes
 from allinone.metrics import psnr, restore_tiled, ssim, to_image, to_tensor
 from allinone.shards import iter_tar_samples, shard_urls
 
+Pair = tuple[str, np.ndarray, np.ndarray]  # (key, degraded, ground truth), float HxWx3 in [0, 1]
+Restorer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Mean scores over a set of images."""
+
+    images: int
+    psnr: float
+    ssim: float
+    psnr_y: float
+    ssim_y: float
+    input_psnr: float  # the degraded input against its ground truth: the bar to clear
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One restored image with its input and target, for a picture of what the numbers mean."""
+
+    key: str
+    degraded: np.ndarray
+    restored: np.ndarray
+    target: np.ndarray
+    psnr: float
+    input_psnr: float
+
 
 @dataclass(frozen=True)
 class TaskScore:
@@ -25,13 +56,46 @@ class TaskScore:
     ssim: float
     psnr_y: float
     ssim_y: float
-    input_psnr: float  # the degraded input against its ground truth: the bar to clear
+    input_psnr: float
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/{k}": v for k, v in vars(self).items() if isinstance(v, float)}
 
 
-def test_pairs(folder: Path, task: str, limit: int | None = None):
+def model_restorer(model: torch.nn.Module, tile: int | None = None) -> Restorer:
+    """A network as a restorer of float images, tiled when an image exceeds ``tile``."""
+    model.eval()
+
+    def restore(lq: np.ndarray) -> np.ndarray:
+        return to_image(restore_tiled(model, to_tensor(lq), tile))
+
+    return restore
+
+
+def score_pairs(
+    restore: Restorer, pairs: Iterable[Pair], crop_border: int = 0, origin: str = "test pairs"
+) -> tuple[Quality, Sample]:
+    """Mean quality of ``restore`` over ``pairs`` and the first pair as a sample."""
+    rows, sample = [], None
+    for key, lq, gt in pairs:
+        restored = restore(lq)
+        row = (
+            psnr(restored, gt, crop_border=crop_border),
+            ssim(restored, gt, crop_border=crop_border),
+            psnr(restored, gt, crop_border=crop_border, y_channel=True),
+            ssim(restored, gt, crop_border=crop_border, y_channel=True),
+            psnr(lq, gt, crop_border=crop_border),
+        )
+        rows.append(row)
+        if sample is None:
+            sample = Sample(key, lq, restored, gt, row[0], row[4])
+    if sample is None:
+        raise ValueError(f"{origin}: no images to score")
+    means = np.mean(np.array(rows, dtype=np.float64), axis=0)
+    return Quality(len(rows), *(float(v) for v in means)), sample
+
+
+def test_pairs(folder: Path, task: str, limit: int | None = None) -> Iterator[Pair]:
     """Decoded (key, lq, gt) test pairs of a built task split."""
     count = 0
     for url in shard_urls(folder, task, "test"):
@@ -47,6 +111,22 @@ def test_pairs(folder: Path, task: str, limit: int | None = None):
 
 
 @torch.no_grad()
+def score_task_with_sample(
+    model: torch.nn.Module,
+    folder: Path,
+    task: str,
+    limit: int | None = None,
+    tile: int | None = None,
+    crop_border: int = 0,
+) -> tuple[TaskScore, Sample]:
+    """A model on a task's built test shards, with the first test image restored."""
+    pairs = test_pairs(folder, task, limit)
+    quality, sample = score_pairs(
+        model_restorer(model, tile), pairs, crop_border, f"{folder}: task {task}"
+    )
+    return TaskScore(task, **vars(quality)), sample
+
+
 def score_task(
     model: torch.nn.Module,
     folder: Path,
@@ -55,20 +135,4 @@ def score_task(
     tile: int | None = None,
     crop_border: int = 0,
 ) -> TaskScore:
-    model.eval()
-    rows = []
-    for _, lq, gt in test_pairs(folder, task, limit):
-        restored = to_image(restore_tiled(model, to_tensor(lq), tile))
-        rows.append(
-            (
-                psnr(restored, gt, crop_border=crop_border),
-                ssim(restored, gt, crop_border=crop_border),
-                psnr(restored, gt, crop_border=crop_border, y_channel=True),
-                ssim(restored, gt, crop_border=crop_border, y_channel=True),
-                psnr(lq, gt, crop_border=crop_border),
-            )
-        )
-    if not rows:
-        raise ValueError(f"{folder}: no test samples for task {task}")
-    means = np.mean(np.array(rows, dtype=np.float64), axis=0)
-    return TaskScore(task, len(rows), *(float(v) for v in means))
+    return score_task_with_sample(model, folder, task, limit, tile, crop_border)[0]

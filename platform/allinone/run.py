@@ -65,7 +65,10 @@ def start_ray(address: str | None) -> None:
             ray.init(
                 address="local",
                 num_cpus=max(4, 2 * cores),
-                include_dashboard=False,
+                # The dashboard serves Ray's State API: without it Ray Train's placement-group
+                # cleaner warns every second that it cannot see its controller.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
                 runtime_env={"env_vars": WORKER_ENV},
             )
     except (ConnectionError, TimeoutError, RuntimeError) as err:
