@@ -139,6 +139,11 @@ BASELINES_FOR_TASK: dict[str, list[str]] = {
     "derain": ["input"],
     "dehaze": ["input", "dark_channel"],
     "lowlight": ["input"],
+    # Real-pair and unseen tasks whose degradation a classical method addresses.
+    "sots": ["input", "dark_channel"],
+    "poisson_noise": ["input", "tv", "nlm"],
+    "noise_jpeg": ["input", "tv", "nlm"],
+    "haze_noise": ["input", "dark_channel"],
 }
 
 

@@ -27,9 +27,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from allinone.cluster import JobError
     from allinone.curriculum import CurriculumError
     from allinone.run import ClusterError
+    from allinone.suites import EvalError
+    from allinone.testsets import EvalDataError
     from allinone.tracking import TrackingError
 
-    return (*USER_ERRORS, CurriculumError, ClusterError, TrackingError, JobError)
+    return (
+        *USER_ERRORS,
+        CurriculumError,
+        ClusterError,
+        TrackingError,
+        JobError,
+        EvalError,
+        EvalDataError,
+    )
 
 
 app = typer.Typer(
@@ -337,3 +347,145 @@ def jobs_stop(
 
     stopped = cluster.stop_job(cluster.connect(address), job_id)
     console.print(f"{job_id}: " + ("stopping" if stopped else "had already ended"), highlight=False)
+
+
+# --------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def eval_model(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A run id, a checkpoint path, or a registry URI (models:/allinone@champion)"
+        ),
+    ],
+    suite: Annotated[
+        str, typer.Option(help="all-in-one, zero-shot, few-shot or all")
+    ] = "all-in-one",
+    tasks: Annotated[
+        list[str] | None, typer.Option(help="Only these tasks (repeatable, or comma-separated)")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder of standard test sets (CBSD68, Rain100L, SOTS, GoPro, LOL)"),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store to resolve the model in and log results to")
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also score classical methods (TV, NLM, dark channel)")
+    ] = False,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Per test set")] = None,
+    tile: Annotated[
+        int | None, typer.Option(min=32, help="Restore larger images in tiles of this size")
+    ] = None,
+    k: Annotated[list[int] | None, typer.Option(min=1, help="Few-shot pairs (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Few-shot fine-tuning steps")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Few-shot learning rate")] = None,
+    tasks_dir: Annotated[
+        Path | None, typer.Option(help="Task configs; default: this project's tasks/")
+    ] = None,
+) -> None:
+    """Score a model: all-in-one on its trained tasks, zero-/few-shot on unseen ones."""
+    from allinone import suites as ev
+
+    if suite not in ev.SUITE_CHOICES:
+        raise ev.EvalError(
+            f"--suite: unknown suite {suite!r} (known: {', '.join(ev.SUITE_CHOICES)})"
+        )
+    plan = _eval_plan(
+        model, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr
+    )
+    requested = [t for item in tasks or [] for t in item.split(",") if t] or None
+    plan.say = lambda line: errors.print(line, highlight=False, markup=False)
+    results = ev.run_suites(plan, [suite], requested)
+    if tracking_uri:
+        _log_eval(results, tracking_uri, model, suite)
+    _print_results(results)
+
+
+def _eval_plan(model_ref, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr):
+    from allinone.config import EvalSection, FewShotSection
+    from allinone.models import build
+    from allinone.resolve import resolve_model
+    from allinone.suites import EvalPlan, default_tasks_dir, load_catalog
+
+    resolved = resolve_model(model_ref, tracking_uri)
+    config = resolved.pipeline
+    settings = config.eval if config else EvalSection()
+    overrides = {name: v for name, v in {"k": k, "steps": steps, "lr": lr}.items() if v}
+    few_shot = FewShotSection(**(settings.few_shot.model_dump() | overrides))
+
+    def fresh():
+        spec = config.model
+        return build(
+            spec.name, spec.preset, task_names=tuple(resolved.task_names), **spec.overrides
+        )
+
+    return EvalPlan(
+        model=resolved.module,
+        trained=tuple(resolved.task_names),
+        catalog=load_catalog(tasks_dir or default_tasks_dir()),
+        fresh=fresh if config else None,
+        data=data,
+        seed=config.seed if config else 0,
+        max_images=max_images or settings.max_images,
+        tile=tile or settings.tile,
+        baselines=baselines,
+        few_shot=few_shot,
+        unseen_tasks=tuple(config.unseen_tasks) if config and config.unseen_tasks else None,
+    )
+
+
+def _log_eval(results, tracking_uri: str, model_ref: str, suite: str) -> None:
+    import mlflow
+
+    from allinone import tracking
+    from allinone.suites import log_results
+
+    experiment = tracking.connect(tracking_uri, "allinone-eval")
+    with tracking.run(None, experiment, f"eval {suite}") as run_id:
+        mlflow.log_params({"model": model_ref, "suite": suite})
+        log_results(results, run_id=run_id)
+    console.print(f"logged to MLflow run {run_id} ({tracking_uri})", highlight=False)
+
+
+def _print_results(results) -> None:
+    from allinone.suites import few_shot_table
+
+    table = Table("suite", "task", "set", "method", "images", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y")
+    for r in results.rows:
+        if r.suite != "few-shot":
+            table.add_row(
+                r.suite,
+                r.task,
+                r.set,
+                r.method,
+                str(r.images),
+                f"{r.psnr:.2f}",
+                f"{r.ssim:.4f}",
+                f"{r.psnr_y:.2f}",
+                f"{r.ssim_y:.4f}",
+            )
+    if table.rows:
+        console.print(table)
+    shots = few_shot_table(results)
+    if shots:
+        pivot = Table(
+            "task",
+            "set",
+            "k",
+            "steps",
+            "zero-shot",
+            "few-shot",
+            "scratch",
+            title="Few-shot PSNR (dB) on held-out pairs",
+        )
+        for task, name, k, steps, zero, tuned, scratch in shots:
+            pivot.add_row(
+                task, name, str(k), str(steps), f"{zero:.2f}", f"{tuned:.2f}", f"{scratch:.2f}"
+            )
+        console.print(pivot)
+    for note in results.notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    for name, value in results.averages().items():
+        console.print(f"{name}: average PSNR {value:.2f} dB", highlight=False)

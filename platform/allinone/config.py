@@ -285,10 +285,30 @@ class TrainSection(Strict):
         return self
 
 
+class FewShotSection(Strict):
+    """Fine-tune a copy of the model on k pairs of an unseen task, for each k, for ``steps``."""
+
+    k: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1)
+    steps: int = Field(50, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    crop: int = Field(64, ge=16)  # random training crop from the k pairs
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("k")
+    @classmethod
+    def _sorted_distinct(cls, ks: list[int]) -> list[int]:
+        return sorted(set(ks))
+
+
 class EvalSection(Strict):
-    suites: list[Literal["all-in-one", "zero-shot", "few-shot"]] = ["all-in-one"]
+    # Run at the end of a curriculum; every stage end scores the trained tasks' test splits.
+    suites: list[Literal["all-in-one", "zero-shot", "few-shot", "all"]] = ["all-in-one"]
     max_images: int | None = Field(None, ge=1)
     tile: int | None = Field(None, ge=32)
+    data: str | None = None  # a folder of standard test sets (CBSD68, Rain100L, SOTS, ...)
+    baselines: bool = False  # classical methods scored on the same images, as extra rows
+    grids: bool = True  # degraded / restored / ground truth PNGs under grids/
+    few_shot: FewShotSection = FewShotSection()
 
 
 class PipelineConfig(Strict):

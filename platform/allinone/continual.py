@@ -182,3 +182,40 @@ def _annotate(ax: Axes, values: np.ndarray) -> None:
             continue
         colour = "black" if value > middle else "white"  # viridis is light at the top end
         ax.text(col, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
+
+
+def summarise(
+    results: Mapping[str, Mapping[str, float]],
+    stage_tasks: Sequence[Sequence[str]],
+    tasks: Sequence[str] | None = None,
+) -> tuple[StageMatrix, dict[str, float]]:
+    """The matrix of ``{stage: {task: psnr}}`` and its finite summary numbers."""
+    m = StageMatrix.from_stage_results(results, tasks)
+    learned = first_learned(stage_tasks)
+    numbers = {
+        "continual/average_psnr": average_psnr(m),
+        "continual/forgetting": forgetting(m, learned),
+        "continual/bwt": backward_transfer(m, learned),
+    }
+    # One stage (or one task) has nothing to forget: leave such numbers out rather than log NaN.
+    return m, {name: value for name, value in numbers.items() if not math.isnan(value)}
+
+
+def log_continual(
+    results: Mapping[str, Mapping[str, float]],
+    stage_tasks: Sequence[Sequence[str]],
+    tasks: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Log the continual-learning view to the active MLflow run: the summary numbers as metrics,
+    the matrix as ``continual/stage_matrix.md`` and as ``continual/stage_matrix.png``."""
+    import tempfile
+
+    import mlflow
+
+    m, numbers = summarise(results, stage_tasks, tasks)
+    mlflow.log_metrics(numbers)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "stage_matrix.md").write_text(to_markdown(m))
+        heatmap_png(m, Path(folder) / "stage_matrix.png", title="PSNR (dB): task x stage")
+        mlflow.log_artifacts(folder, "continual")
+    return numbers

@@ -151,7 +151,13 @@ def fit_stage(
     fault: dict[str, Any] | None = None,
 ) -> StageResult:
     """Train one stage under Ray Train; returns the stage's final weights in the work dir."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = pipeline.config
@@ -192,6 +198,9 @@ def fit_stage(
             storage_path=str((workdir / "ray").resolve()),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Our own lines say stage, step, loss and samples/s; Ray Train's INFO lines
+            # (every checkpoint persisted, every report) would bury them.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": stage_dataset(pipeline, workdir, stage)},
     )

@@ -65,9 +65,10 @@ class TaskScore:
 def model_restorer(model: torch.nn.Module, tile: int | None = None) -> Restorer:
     """A network as a restorer of float images, tiled when an image exceeds ``tile``."""
     model.eval()
+    device = next(model.parameters()).device
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        return to_image(restore_tiled(model, to_tensor(lq), tile))
+        return to_image(restore_tiled(model, to_tensor(lq).to(device), tile))
 
     return restore
 

@@ -50,11 +50,14 @@ def artifact_name(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", task) + ".png"
 
 
-def log_grid(sample: Sample, task: str, title: str | None = None) -> str:
-    """Draw ``sample`` and log it to the active MLflow run as ``grids/<task>.png``."""
+def log_grid(sample: Sample, task: str, title: str | None = None, run_id: str | None = None) -> str:
+    """Draw ``sample`` and log it as ``grids/<task>.png`` to a run (default: the active one)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as folder:
         path = grid_png(sample, Path(folder) / artifact_name(task), title or task)
-        mlflow.log_artifact(str(path), GRIDS_DIR)
+        if run_id is None:
+            mlflow.log_artifact(str(path), GRIDS_DIR)
+        else:
+            mlflow.MlflowClient().log_artifact(run_id, str(path), GRIDS_DIR)
     return f"{GRIDS_DIR}/{artifact_name(task)}"

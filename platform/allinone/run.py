@@ -134,7 +134,9 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
             matrix[stage.name] = scores
         summary = _summarise(pipeline, matrix)
         mlflow.log_metrics(summary["final"])
+        summary["continual"] = _log_continual(pipeline, matrix)
         tracking.log_json(summary, "results/summary.json")
+        summary["eval"] = _evaluate_run_end(pipeline, workdir, weights, say)
         if options.register:
             from allinone.registry import register_weights
 
@@ -170,7 +172,7 @@ def _run_stage(
                 }
             )
         result = fit_stage(pipeline, workdir, stage, state, weights, uri, run_id, options.fault)
-        scores = _score_stage(pipeline, workdir, result.weights)
+        scores = _score_stage(pipeline, workdir, result.weights, [run_id, state.parent_run_id])
         mlflow.log_metrics(
             {k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()}
         )
@@ -182,16 +184,39 @@ def _run_stage(
     return result.weights, psnr
 
 
-def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path):
-    from allinone.evaluate import score_task
+def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path, grid_runs: list[str]):
+    """Every trained task's test split; each task's grid goes to the stage run and the parent
+    run (where the last stage's grids stay, for the run's report)."""
+    from allinone.evaluate import score_task_with_sample
+    from allinone.grids import log_grid
     from allinone.registry import load_weights
 
     model = load_weights(pipeline, weights)
-    limit, tile = pipeline.config.eval.max_images, pipeline.config.eval.tile
-    return {
-        task: score_task(model, shard_folder(workdir, task, "test"), task, limit, tile)
-        for task in pipeline.config.tasks
-    }
+    settings = pipeline.config.eval
+    scores = {}
+    for task in pipeline.config.tasks:
+        folder = shard_folder(workdir, task, "test")
+        scores[task], sample = score_task_with_sample(
+            model, folder, task, settings.max_images, settings.tile
+        )
+        for run_id in grid_runs if settings.grids else []:
+            log_grid(sample, task, f"{task}: test split", run_id=run_id)
+    return scores
+
+
+def _log_continual(pipeline: Pipeline, matrix: dict[str, dict[str, float]]) -> dict[str, float]:
+    from allinone.continual import log_continual
+
+    stages = [stage.tasks for stage in plan_stages(pipeline)]
+    return log_continual(matrix, stages, pipeline.config.tasks)
+
+
+def _evaluate_run_end(pipeline: Pipeline, workdir: Path, weights: Path | None, say):
+    """The pipeline's ``eval.suites`` on the final weights; their average PSNRs, if any ran."""
+    from allinone.suites import evaluate_run_end
+
+    results = evaluate_run_end(pipeline, workdir, weights, say)
+    return results.averages() if results else {}
 
 
 def _log_config(pipeline: Pipeline) -> None:

@@ -27,7 +27,7 @@ from allinone.shards import BuildRequest, SampleSpec, encode_samples, plan_sampl
 from allinone.sources import SourceError, SourceItem, paired_items, safe_stem
 
 
-class TestSetError(ValueError):
+class EvalDataError(ValueError):
     """A data folder or test set that cannot be used; the message names the folder."""
 
 
@@ -48,9 +48,7 @@ STANDARD_SETS: tuple[StandardSet, ...] = (
     StandardSet("CBSD68", ("CBSD68",), ("denoise",), ("clean",), SIGMAS),
     StandardSet("BSD68", ("BSD68",), ("denoise",), ("clean",), SIGMAS),
     StandardSet("Rain100L", ("Rain100L",), ("derain", "rain100l"), ("rain100l",)),
-    StandardSet(
-        "SOTS-outdoor", ("SOTS-outdoor", "SOTS", "outdoor"), ("dehaze", "sots"), ("sots",)
-    ),
+    StandardSet("SOTS-outdoor", ("SOTS-outdoor", "SOTS", "outdoor"), ("dehaze", "sots"), ("sots",)),
     StandardSet("GoPro", ("GoPro", "GOPRO_Large"), ("deblur", "motion_blur"), ("gopro",)),
     StandardSet("LOL", ("LOL", "LOLdataset", "LOL-v1"), ("lowlight",), ("lol", "lq_gt")),
 )
@@ -119,7 +117,7 @@ def discover(data: Path, sets: Sequence[StandardSet] = STANDARD_SETS) -> Discove
     """Every test set in its standard layout in ``data``, its sub-folders or ``data/test``."""
     data = Path(data)
     if not data.is_dir():
-        raise TestSetError(f"{data}: test data folder does not exist")
+        raise EvalDataError(f"{data}: test data folder does not exist")
     by_name = {name.lower(): s for s in sets for name in s.folders}
     result = Discovery()
     for folder in _candidates(data):
@@ -133,7 +131,7 @@ def discover(data: Path, sets: Sequence[StandardSet] = STANDARD_SETS) -> Discove
         elif folder != data and folder.name != "test":
             result.ignored.append(folder.name)
     if not result.found:
-        raise TestSetError(
+        raise EvalDataError(
             f"{data}: no test set in a known layout (looked for folders named "
             f"{', '.join(sorted({s.name for s in sets}))}, or sub-folders "
             f"{', '.join('+'.join(d) for d in LAYOUT_DIRS.values())}, or GoPro sequences)"
@@ -155,7 +153,7 @@ def _expect_layout(folder: Path, standard: StandardSet) -> FoundSet:
         if root is not None:
             return FoundSet(standard, root, layout)
     expected = " or ".join(_describe_layout(layout) for layout in standard.layouts)
-    raise TestSetError(
+    raise EvalDataError(
         f"{folder}: a {standard.name} folder in no known layout (expected {expected})"
     )
 
@@ -173,7 +171,9 @@ def _recognise(folder: Path) -> FoundSet | None:
     for layout, tasks in LAYOUT_TASKS.items():
         root = find_layout(folder, layout)
         if root is not None:
-            return FoundSet(StandardSet(folder.name, (folder.name,), tasks, (layout,)), root, layout)
+            return FoundSet(
+                StandardSet(folder.name, (folder.name,), tasks, (layout,)), root, layout
+            )
     return None
 
 
@@ -203,7 +203,7 @@ def _gopro_sequences(root: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- test sets
 @dataclass(frozen=True)
-class TestSet:
+class EvalSet:
     """Pairs of one task from one source: a benchmark (at one level) or a synthetic split."""
 
     task: str
@@ -223,12 +223,12 @@ def _named(base: str, level: dict[str, float]) -> str:
     return f"{base}-{level_label(level)}" if level else base
 
 
-def benchmark_sets(found: FoundSet, task: str, config: TaskConfig, seed: int) -> list[TestSet]:
+def benchmark_sets(found: FoundSet, task: str, config: TaskConfig, seed: int) -> list[EvalSet]:
     """One test set per level of a found benchmark, for ``task``."""
     standard = found.standard
     if found.layout == "clean":
         if config.kind != "synthetic":
-            raise TestSetError(f"{found.root}: {standard.name} needs task {task} to degrade it")
+            raise EvalDataError(f"{found.root}: {standard.name} needs task {task} to degrade it")
         levels = list(standard.levels) or [{}]
         return [
             _clean_set(found, task, config, level, _named(standard.name, level), seed)
@@ -237,16 +237,16 @@ def benchmark_sets(found: FoundSet, task: str, config: TaskConfig, seed: int) ->
     items = _paired_items(found)
     request = _paired_request(task, found.root, seed)
     specs = [SampleSpec(f"{task}_{item.stem}_v000", item, 0) for item in items]
-    return [TestSet(task, standard.name, "benchmark", _loader(request, specs))]
+    return [EvalSet(task, standard.name, "benchmark", _loader(request, specs))]
 
 
-def _clean_set(found, task, config, level, name, seed) -> TestSet:
+def _clean_set(found, task, config, level, name, seed) -> EvalSet:
     data = config.model_dump(mode="json")
     data["test"] = {"source": str(found.root), "levels": [level] if level else []}
     degraded = validate(TaskConfig, data, f"{found.standard.name} ({task})")
     request = BuildRequest(degraded, "test", str(found.root), Path(), seed=seed)
     specs, _ = plan_samples(request)
-    return TestSet(task, name, "benchmark", _loader(request, specs))
+    return EvalSet(task, name, "benchmark", _loader(request, specs))
 
 
 def _paired_request(task: str, root: Path, seed: int) -> BuildRequest:
@@ -264,11 +264,11 @@ def _paired_items(found: FoundSet) -> list[SourceItem]:
         try:
             items, refused = paired_items(found.root, found.layout)
         except SourceError as err:
-            raise TestSetError(str(err)) from None
+            raise EvalDataError(str(err)) from None
         if refused:
-            raise TestSetError(f"{refused[0].file}: {refused[0].reason}")
+            raise EvalDataError(f"{refused[0].file}: {refused[0].reason}")
     if not items:
-        raise TestSetError(f"{found.root}: no {found.layout} pairs found")
+        raise EvalDataError(f"{found.root}: no {found.layout} pairs found")
     return items
 
 
@@ -287,7 +287,7 @@ def _pairs_by_name(lq_dir: Path, gt_dir: Path, prefix: str) -> list[SourceItem]:
     items = []
     for lq in sorted(p for p in lq_dir.iterdir() if is_image_file(p)):
         if lq.name not in gts:
-            raise TestSetError(f"{lq}: no ground truth {gt_dir / lq.name}")
+            raise EvalDataError(f"{lq}: no ground truth {gt_dir / lq.name}")
         stem = safe_stem(prefix + lq.stem)
         items.append(SourceItem(stem=stem, gt=str(gts[lq.name]), lq=str(lq)))
     return items
@@ -295,19 +295,22 @@ def _pairs_by_name(lq_dir: Path, gt_dir: Path, prefix: str) -> list[SourceItem]:
 
 def synthetic_sets(
     task: str, config: TaskConfig, config_path: Path, seed: int, shards: Path | None = None
-) -> list[TestSet]:
+) -> list[EvalSet]:
     """A task's own test split, one set per level: from built shards when given (a curriculum
     has them), else degraded now from the configured source exactly as the shards would be."""
     levels = config.test.levels or [{}]
     if shards is not None:
         return [
-            TestSet(task, _named("synthetic", level), "synthetic", _shard_loader(
-                shards, task, i if len(levels) > 1 else None
-            ))
+            EvalSet(
+                task,
+                _named("synthetic", level),
+                "synthetic",
+                _shard_loader(shards, task, i if len(levels) > 1 else None),
+            )
             for i, level in enumerate(levels)
         ]
     if config.test.source is None:
-        raise TestSetError(
+        raise EvalDataError(
             f"{config_path}: test.source: task {task} has no test split; "
             "give its benchmark folder with --data"
         )
@@ -315,9 +318,9 @@ def synthetic_sets(
     request = BuildRequest(config, "test", str(source), Path(), seed=seed)
     specs, refused = plan_samples(request)
     if refused:
-        raise TestSetError(f"{refused[0].file}: {refused[0].reason}")
+        raise EvalDataError(f"{refused[0].file}: {refused[0].reason}")
     return [
-        TestSet(
+        EvalSet(
             task,
             _named("synthetic", level),
             "synthetic",
