@@ -16,9 +16,10 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from allinone.config import FewShotSection, load_pipeline
+from allinone.config import ConfigError, FewShotSection, load_pipeline
 from allinone.continual import log_continual
 from allinone.registry import build_from_pipeline
+from allinone.shards import BuildRequest, build_shards
 from allinone.suites import (
     MODEL,
     EvalError,
@@ -28,11 +29,10 @@ from allinone.suites import (
     few_shot_table,
     fine_tune,
     load_catalog,
-    log_results,
     run_suites,
     to_markdown,
 )
-from allinone.testsets import EvalDataError, benchmark_sets, discover
+from allinone.testsets import EvalDataError, benchmark_sets, discover, synthetic_sets
 from conftest import REPO, SHARED_DATA, TEST_SETS
 
 TRAINED = ("denoise", "derain", "dehaze")
@@ -75,6 +75,17 @@ def make_plan(pipeline, model, **options) -> EvalPlan:
         fresh=lambda: build_from_pipeline(pipeline),
         **options,
     )
+
+
+def test_the_eval_block_configures_suites_and_few_shot(tmp_path: Path) -> None:
+    block = "{suites: [all], data: ../data, baselines: true, few_shot: {k: [5, 1, 5], steps: 3}}"
+    settings = load_pipeline(write_pipeline(tmp_path, block)).config.eval
+    assert settings.suites == ["all"] and settings.baselines and settings.data == "../data"
+    assert settings.few_shot.k == [1, 5] and settings.few_shot.steps == 3
+    with pytest.raises(ConfigError, match=r"eval\.few_shot\.kk: unknown field"):
+        load_pipeline(write_pipeline(tmp_path, "{few_shot: {kk: [1]}}"))
+    with pytest.raises(ConfigError, match=r"eval\.suites\.0"):
+        load_pipeline(write_pipeline(tmp_path, "{suites: [one-shot]}"))
 
 
 # --------------------------------------------------------------------------- discovery
@@ -133,6 +144,33 @@ def test_a_test_folder_in_no_known_layout_is_one_clear_error(tmp_path: Path) -> 
         discover(other)
     with pytest.raises(EvalDataError, match="does not exist"):
         discover(tmp_path / "missing")
+
+
+def test_a_synthetic_split_degraded_now_equals_its_built_test_shards(tmp_path: Path) -> None:
+    entry = load_catalog(default_tasks_dir())["denoise"]
+    config = entry.config.model_copy(
+        update={"test": entry.config.test.model_copy(update={"max_images": 2})}
+    )
+    source = str(TEST_SETS / "CBSD68")
+    build_shards(BuildRequest(config, "test", source, tmp_path / "shards", 4, seed=7))
+    fresh = synthetic_sets("denoise", config, entry.path, seed=7)
+    built = synthetic_sets("denoise", config, entry.path, seed=7, shards=tmp_path / "shards")
+    assert (
+        [s.name for s in fresh]
+        == [s.name for s in built]
+        == [
+            "synthetic-sigma15",
+            "synthetic-sigma25",
+            "synthetic-sigma50",
+        ]
+    )
+    for now, stored in zip(fresh, built, strict=True):
+        pairs_now, pairs_stored = list(now.pairs()), list(stored.pairs())
+        assert [k for k, _, _ in pairs_now] == [k for k, _, _ in pairs_stored]
+        assert len(pairs_now) == 2
+        for (_, lq_a, gt_a), (_, lq_b, gt_b) in zip(pairs_now, pairs_stored, strict=True):
+            np.testing.assert_array_equal(lq_a, lq_b)
+            np.testing.assert_array_equal(gt_a, gt_b)
 
 
 # --------------------------------------------------------------------------- suites
@@ -264,16 +302,6 @@ def test_run_end_logs_suites_grids_and_the_continual_view(tmp_path: Path) -> Non
         assert image.width == 1200 and image.height > 300  # three 4-inch panels at 100 dpi
 
 
-def test_log_results_writes_one_grid_per_task(tmp_path: Path, pipeline, trained_model) -> None:
-    plan = make_plan(pipeline, trained_model, data=TEST_SETS, max_images=1, tile=256)
-    results = run_suites(plan, ["all-in-one"], ["derain"])
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run() as run:
-        log_results(results)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert [f.path for f in client.list_artifacts(run.info.run_id, "grids")] == ["grids/derain.png"]
-
-
 # --------------------------------------------------------------------------- the CLI
 def _allinone(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
@@ -285,3 +313,60 @@ def _allinone(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(pipeline, trained_model, tmp_path_factory) -> Path:
+    """A stage-style checkpoint: model.pt with the card that names its architecture."""
+    from allinone.resolve import write_model_card
+
+    weights = tmp_path_factory.mktemp("checkpoint") / "model.pt"
+    torch.save(trained_model.state_dict(), weights)
+    write_model_card(weights, pipeline.config, "stage3-dehaze")
+    return weights
+
+
+def test_cli_eval_prints_the_tables_and_logs_to_mlflow(checkpoint: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = _allinone(
+        "eval", "--model", str(checkpoint), "--suite", "all", "--tasks", "derain,motion_blur",
+        "--data", str(TEST_SETS), "--max-images", "1", "--tile", "256", "--k", "1",
+        "--steps", "1", "--baselines", "--tracking-uri", uri, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for text in ("all-in-one", "Rain100L", "zero-shot", "synthetic-length15-angle45", "scratch"):
+        assert text in out
+    assert "protocol: 3-task" in out and "Few-shot PSNR (dB) on held-out pairs" in out
+    run_id = out.split("logged to MLflow run ")[1].split()[0]
+    client = MlflowClient(uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert "eval/all-in-one/derain/Rain100L/model/psnr" in metrics
+    assert "eval/all-in-one/derain/Rain100L/input/psnr" in metrics  # the --baselines rows
+    assert "eval/few-shot/motion_blur/synthetic-length15-angle45/scratch-k1/psnr" in metrics
+    grids = [f.path for f in client.list_artifacts(run_id, "grids")]
+    assert grids == ["grids/derain.png", "grids/motion_blur.png"]
+
+
+def test_cli_eval_errors_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "SOTS").mkdir()  # named like a test set, laid out like none
+    for args, message in (
+        (
+            ["--data", str(tmp_path)],
+            "SOTS-outdoor folder in no known layout (expected hazy/ + clear/)",
+        ),
+        (["--tasks", "fog"], "unknown task 'fog'"),
+    ):
+        done = _allinone("eval", "--model", str(checkpoint), *args, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_a_bad_eval_data_folder_stops_the_run_before_training(tmp_path: Path) -> None:
+    from allinone.run import RunOptions, run_pipeline
+
+    (tmp_path / "empty").mkdir()
+    pipeline = load_pipeline(write_pipeline(tmp_path, f"{{data: {tmp_path / 'empty'}}}"))
+    with pytest.raises(EvalDataError, match="no test set in a known layout"):
+        run_pipeline(pipeline, RunOptions(tmp_path / "work"), say=lambda *_: None)
+    assert not list((tmp_path / "work").glob("shards/*")), "nothing built before the check"

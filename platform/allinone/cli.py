@@ -26,6 +26,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # Errors of the heavier modules are imported only when a command got that far.
     from allinone.cluster import JobError
     from allinone.curriculum import CurriculumError
+    from allinone.report import ReportError
+    from allinone.resolve import ResolveError
+    from allinone.restore import RestoreError
     from allinone.run import ClusterError
     from allinone.suites import EvalError
     from allinone.testsets import EvalDataError
@@ -39,6 +42,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         JobError,
         EvalError,
         EvalDataError,
+        ResolveError,
+        RestoreError,
+        ReportError,
     )
 
 
@@ -489,3 +495,72 @@ def _print_results(results) -> None:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
     for name, value in results.averages().items():
         console.print(f"{name}: average PSNR {value:.2f} dB", highlight=False)
+
+
+# ------------------------------------------------------------------ registry, restore, report
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(help="MLflow store of the run or registry; default: $MLFLOW_TRACKING_URI"),
+]
+
+
+@app.command("register")
+def register(
+    run_id: Annotated[str, typer.Option(help="A finished curriculum (parent) run")],
+    name: Annotated[str, typer.Option(help="Registered model name")] = "allinone",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Register a finished run's model; it becomes @champion only if it beats the champion."""
+    from allinone.registry import register_run
+
+    result = register_run(run_id, tracking_uri, name)
+    console.print(
+        f"registered {result['name']} v{result['version']} as @{result['alias']} "
+        f"({result['reason']})",
+        highlight=False,
+    )
+
+
+@app.command("restore")
+def restore(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images")],
+    model: Annotated[str, typer.Option(help="A run id, a checkpoint path, or a registry URI")],
+    out: Annotated[Path, typer.Option(help="Folder for the restored PNGs")],
+    task: Annotated[
+        str, typer.Option(help="'auto' (the model decides) or a task the model was trained on")
+    ] = "auto",
+    tile: Annotated[
+        int | None, typer.Option(min=32, help="Restore larger images in tiles of this size")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Restore images of any size with a trained model; unreadable files are skipped."""
+    from allinone.resolve import resolve_model
+    from allinone.restore import RestoreJob, restore_images
+
+    job = RestoreJob.plan(inputs, out, task, tile, overwrite)
+    resolved = resolve_model(model, tracking_uri)
+    report = restore_images(resolved, job, console)
+    for path, reason in report.failed:
+        errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"{len(report.written)} restored -> {out}"
+        + (f"; {len(report.failed)} failed" if report.failed else ""),
+        highlight=False,
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report(
+    run_id: Annotated[str, typer.Argument(help="A curriculum (parent) run")],
+    out: Annotated[Path, typer.Option(help="The HTML page to write")] = Path("report.html"),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """One self-contained HTML page of a run: config, scores, stage matrix, losses, grids."""
+    from allinone.report import write_report
+
+    write_report(run_id, out, tracking_uri)
+    console.print(f"report of run {run_id} -> {out}", highlight=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from allinone.config import Pipeline
+from allinone.config import Pipeline, PipelineConfig
 
 DEFAULT_NAME = "allinone"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -43,9 +43,14 @@ def _signature():
 
 
 def log_and_register(
-    model: torch.nn.Module, name: str, metrics: dict[str, float], suite: str
+    model: torch.nn.Module,
+    name: str,
+    metrics: dict[str, float],
+    suite: str,
+    config: PipelineConfig | None = None,
 ) -> dict[str, Any]:
-    """Log ``model`` in the active run, register a version, and give it the alias it earned."""
+    """Log ``model`` in the active run with its metrics, config, signature and requirements,
+    register a version under ``name``, and give it the alias it earned."""
     import mlflow
 
     package = Path(__file__).resolve().parent
@@ -55,20 +60,47 @@ def log_and_register(
         serialization_format="pickle",
         code_paths=[str(package)],
         signature=_signature(),
+        input_example=_input_example(),
         registered_model_name=name,
         pip_requirements=_requirements(),
+        # The resolver reads the pipeline back from here: a registered model needs no run.
+        metadata={
+            "pipeline": config.model_dump(mode="json") if config else None,
+            "task_names": list(getattr(model, "task_names", ())),
+            "eval_suite": suite,
+        },
     )
+    if metrics:
+        mlflow.log_metrics(metrics, model_id=info.model_id)
     version = str(info.registered_model_version)
     return assign_alias(name, version, metrics.get(OBJECTIVE), suite)
+
+
+def _input_example():
+    import numpy as np
+
+    # Small on purpose: the registry test restores a different size to prove nothing is fixed.
+    return np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [
-        f"{pkg}=={version(pkg)}"
-        for pkg in ("torch", "torchvision", "mlflow", "numpy", "open_clip_torch", "diffusers")
-    ]
+    # What unpickling the model imports (this package ships as code beside it).
+    packages = (
+        "torch",
+        "torchvision",
+        "mlflow",
+        "numpy",
+        "scipy",
+        "pillow",
+        "pydantic",
+        "pyyaml",
+        "safetensors",
+        "open_clip_torch",
+        "diffusers",
+    )
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 def assign_alias(name: str, version: str, score: float | None, suite: str) -> dict[str, Any]:
@@ -79,7 +111,8 @@ def assign_alias(name: str, version: str, score: float | None, suite: str) -> di
     client = MlflowClient()
     client.set_model_version_tag(name, version, "eval_suite", suite)
     if score is not None:
-        client.set_model_version_tag(name, version, "average_psnr", f"{score:.6f}")
+        # repr round-trips: a rounded tag would let the same score "beat" itself.
+        client.set_model_version_tag(name, version, "average_psnr", repr(float(score)))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -103,15 +136,51 @@ def _verdict(current, score: float | None, suite: str) -> str:
     return f"does not beat champion v{current.version} ({score:.3f} <= {best:.3f} dB)"
 
 
-def register_weights(pipeline: Pipeline, weights: Path | None, summary: dict[str, Any], say=print):
+def register_weights(
+    pipeline: Pipeline,
+    weights: Path | None,
+    summary: dict[str, Any],
+    say=print,
+    name: str = DEFAULT_NAME,
+):
     if weights is None:
         return None
     suite = "all-in-one:" + ",".join(pipeline.config.tasks)
     result = log_and_register(
-        load_weights(pipeline, weights), DEFAULT_NAME, summary["final"], suite
+        load_weights(pipeline, weights), name, summary["final"], suite, pipeline.config
     )
     say(
         f"registered {result['name']} v{result['version']} as @{result['alias']} "
         f"({result['reason']})"
     )
     return result
+
+
+def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME) -> dict[str, Any]:
+    """Register a finished curriculum run's model: its logged model when it has one, else its
+    final weights, logged now into the run with the run's final metrics."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from allinone.resolve import ResolveError, resolve_model
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ResolveError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        raise ResolveError(f"run {run_id} is a stage of run {parent}: register the curriculum run")
+    if run.info.status != "FINISHED":
+        raise ResolveError(f"run {run_id} is {run.info.status}, not FINISHED: nothing to register")
+    resolved = resolve_model(run_id, tracking_uri)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("final/")}
+    suite = "all-in-one:" + ",".join(resolved.task_names)
+    if resolved.source.startswith("models:/"):  # logged earlier: register that very model
+        version = mlflow.register_model(resolved.source, name).version
+        return assign_alias(name, str(version), metrics.get(OBJECTIVE), suite)
+    with mlflow.start_run(run_id=run_id):
+        return log_and_register(resolved.module, name, metrics, suite, resolved.pipeline)

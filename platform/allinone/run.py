@@ -23,6 +23,8 @@ from allinone.curriculum import (
     prepare_shards,
     shard_folder,
 )
+from allinone.resolve import write_model_card
+from allinone.suites import check_eval_data
 
 # Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
 # threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
@@ -112,6 +114,7 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
     uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
     experiment = tracking.connect(uri, pipeline.config.name)
     state = RunState.open(workdir, pipeline, options.resume)
+    check_eval_data(pipeline)
     start_ray(options.address)
     prepare_shards(pipeline, workdir, on_build=say)
 
@@ -172,6 +175,7 @@ def _run_stage(
                 }
             )
         result = fit_stage(pipeline, workdir, stage, state, weights, uri, run_id, options.fault)
+        write_model_card(result.weights, pipeline.config, stage.name)  # a bare model.pt loads
         scores = _score_stage(pipeline, workdir, result.weights, [run_id, state.parent_run_id])
         mlflow.log_metrics(
             {k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()}

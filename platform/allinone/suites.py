@@ -424,6 +424,17 @@ def log_results(results: Results, grids: bool = True, run_id: str | None = None)
 
 
 # --------------------------------------------------------------------------- in a curriculum
+def check_eval_data(pipeline) -> None:
+    """Fail before training, not after it, when ``eval.data`` holds no test set we know."""
+    from allinone.config import resolve_source
+
+    if pipeline.config.eval.data:
+        source = resolve_source(
+            pipeline.config.eval.data, pipeline.folder, pipeline.path, "eval.data"
+        )
+        discover(Path(source))
+
+
 def evaluate_run_end(pipeline, workdir: Path, weights: Path | None, say=print) -> Results | None:
     """The pipeline's configured suites on its final weights, logged to the active run.
 
