@@ -10,6 +10,7 @@ the page is one file that opens anywhere, with nothing to fetch.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import os
 import tempfile
@@ -55,6 +56,7 @@ def write_report(run_id: str, out: Path, tracking_uri: str | None = None) -> Pat
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(page)
+    os.chmod(tmp, 0o644)  # a page to share; mkstemp makes it private
     os.replace(tmp, out)
     return out
 
@@ -67,6 +69,7 @@ def read_run(run_id: str, tracking_uri: str | None = None) -> RunData:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per grid
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -82,7 +85,8 @@ def read_run(run_id: str, tracking_uri: str | None = None) -> RunData:
         ]
         for s in stages
     }
-    grids = [g for r in [run, *stages] for g in _grids(client, r)]
+    # Stage runs first: the parent repeats the last stage's grids, and a picture is shown once.
+    grids = _distinct([g for r in [*stages, run] for g in _grids(client, r)])
     return RunData(run, stages, _config(run_id), losses, grids)
 
 
@@ -103,6 +107,17 @@ def _grids(client, run) -> list[tuple[str, bytes]]:
             local = client.download_artifacts(run.info.run_id, item, folder)
             found.append((f"{run.info.run_name}: {item}", Path(local).read_bytes()))
     return found
+
+
+def _distinct(grids: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    seen: set[bytes] = set()
+    kept = []
+    for caption, png in grids:
+        digest = hashlib.sha256(png).digest()
+        if digest not in seen:
+            seen.add(digest)
+            kept.append((caption, png))
+    return kept
 
 
 def _png_artifacts(client, run_id: str, folder: str) -> list[str]:

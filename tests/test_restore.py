@@ -1,0 +1,122 @@
+"""``allinone restore``: real photos of several kinds in, restored PNGs out, bad files skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from allinone.config import load_pipeline
+from allinone.images import read_image, to_uint8
+from allinone.metrics import to_image, to_tensor
+from allinone.registry import build_from_pipeline
+from allinone.resolve import resolve_model, write_model_card
+from allinone.restore import RestoreError, RestoreJob, restore_images
+from conftest import TEST_SETS
+from test_curriculum import write_pipeline
+
+COLOUR = TEST_SETS / "CBSD68" / "101085.png"  # 321 x 481
+GREY = TEST_SETS / "Set12" / "01.png"  # 256 x 256, one channel
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("restore")
+    pipeline = load_pipeline(write_pipeline(folder, "restore", steps=(2, 2)))
+    torch.manual_seed(0)
+    weights = folder / "stages" / "stage2-dehaze" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save(build_from_pipeline(pipeline).state_dict(), weights)
+    write_model_card(weights, pipeline.config, "stage2-dehaze")
+    return weights
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """A folder of real images as users have them: grey, RGBA, 16-bit, nested, and one broken."""
+    folder = tmp_path / "in"
+    (folder / "nested").mkdir(parents=True)
+    photo = Image.open(COLOUR).convert("RGB").crop((0, 0, 120, 90))
+    rgba = photo.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(folder / "rgba.png")
+    grey16 = np.asarray(Image.open(GREY).crop((0, 0, 70, 50)), dtype=np.uint16) * 257
+    Image.fromarray(grey16).save(folder / "nested" / "grey16.png")
+    Image.open(GREY).save(folder / "grey.png")
+    (folder / "broken.png").write_bytes(COLOUR.read_bytes()[:3000])  # truncated mid-stream
+    (folder / "notes.txt").write_text("not an image, not listed")
+    return folder
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "allinone", "restore", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+
+
+def test_restore_a_file_and_a_folder_skipping_the_broken_one(checkpoint, inputs, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = _cli(COLOUR, inputs, "--model", checkpoint, "--out", out, "--tile", "64")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"skipped {inputs / 'broken.png'}: cannot decode image" in result.stderr
+    assert "Traceback" not in result.stderr and "4 restored" in result.stdout
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert written == ["101085.png", "grey.png", "nested", "nested/grey16.png", "rgba.png"]
+    expected = {
+        "101085.png": ("RGB", (321, 481)),
+        "grey.png": ("L", (256, 256)),
+        "nested/grey16.png": ("L", (70, 50)),
+        "rgba.png": ("RGB", (120, 90)),
+    }
+    for name, (mode, size) in expected.items():
+        with Image.open(out / name) as image:
+            assert (image.mode, image.size) == (mode, size), name
+
+    refused = _cli(inputs / "rgba.png", "--model", checkpoint, "--out", out)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{out / 'rgba.png'} exists; pass --overwrite" in refused.stderr
+
+
+def test_outputs_are_the_model_applied_to_the_decoded_input(checkpoint, inputs, tmp_path) -> None:
+    resolved = resolve_model(str(checkpoint))
+    sources = [COLOUR, inputs / "nested" / "grey16.png"]
+    job = RestoreJob.plan(sources, tmp_path / "out", "dehaze", None, overwrite=False)
+    report = restore_images(resolved, job)
+    assert not report.failed and len(report.written) == 2
+    task_id = torch.tensor([resolved.task_names.index("dehaze")])
+    for source, written in zip(sources, report.written, strict=True):
+        pixels = read_image(source).pixels
+        with torch.no_grad():
+            restored = to_image(resolved.module(to_tensor(pixels), task_id))
+        with Image.open(written) as image:
+            if image.mode == "L":  # a grey input comes back grey
+                restored = restored.mean(axis=2)
+            np.testing.assert_array_equal(np.asarray(image), to_uint8(restored))
+    # --overwrite replaces the outputs; without it the plan is refused before any work.
+    again = RestoreJob.plan(sources, tmp_path / "out", "dehaze", None, overwrite=True)
+    assert len(restore_images(resolved, again).written) == 2
+
+
+def test_requests_refused_whole(checkpoint, inputs, tmp_path) -> None:
+    with pytest.raises(RestoreError, match="no such file or folder"):
+        RestoreJob.plan([tmp_path / "missing.png"], tmp_path / "out", "auto", None, False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RestoreError, match="no image files in this folder"):
+        RestoreJob.plan([tmp_path / "empty"], tmp_path / "out", "auto", None, False)
+    same_name = tmp_path / "other" / "grey.png"
+    same_name.parent.mkdir()
+    same_name.write_bytes(GREY.read_bytes())
+    with pytest.raises(RestoreError, match="would both be written to"):
+        RestoreJob.plan([inputs / "grey.png", same_name], tmp_path / "out", "auto", None, False)
+    job = RestoreJob.plan([inputs / "grey.png"], tmp_path / "out", "snow", None, False)
+    with pytest.raises(RestoreError, match=r"--task snow: not a task of this model \(trained on"):
+        restore_images(resolve_model(str(checkpoint)), job)
+    assert not (tmp_path / "out").exists()
+    unknown = _cli(inputs, "--model", tmp_path / "nowhere.pt", "--out", tmp_path / "out")
+    assert unknown.returncode == 2 and "nowhere.pt" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
