@@ -93,6 +93,9 @@ def test_mlflow_holds_one_parent_and_a_nested_run_per_stage(finished_run) -> Non
     assert sorted(r.info.run_name for r in children) == ["stage1-denoise", "stage2-dehaze"]
     assert parents[0].data.params["train.zero_stage"] == "2"
     assert "final/average_psnr" in parents[0].data.metrics
+    # The work directory holds its artifacts too, not ./mlruns of wherever the run started.
+    assert experiment.artifact_location == (workdir / "mlartifacts").resolve().as_uri()
+    assert list((workdir / "mlartifacts").rglob("pipeline.json"))
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"test/denoise/psnr", "test/dehaze/ssim_y"} <= set(child.data.metrics)

@@ -36,9 +36,20 @@ def connect(uri: str, experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         found = mlflow.get_experiment_by_name(experiment)
-        return found.experiment_id if found else mlflow.create_experiment(experiment)
+        if found:
+            return found.experiment_id
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
     except Exception as err:  # every transport and store error means the same to a user
         raise TrackingError(f"tracking store {uri} does not answer: {_first_line(err)}") from None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Beside a SQLite store, so a work directory holds its runs' artifacts too (MLflow's own
+    default is ``./mlruns`` of whatever folder the command happens to run in). A server keeps
+    its artifacts where it was told to."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
 
 
 def _first_line(err: BaseException) -> str:
