@@ -16,7 +16,9 @@ clipping 1.0 and the cosine LR schedule, on the same number of torch threads.
 The bare loop runs before and after the platform (their mean is the baseline). Prints, warm-up
 steps excluded, the median compute per step (batch in hand -> optimizer stepped)
 and the median whole step (including the wait for the next batch), the ratio platform / bare
-(goal: at most 1.10x), the thread counts each really ran with, and the platform's start-up:
+(goal: at most 1.10x), the median CPU time of the training process (all its threads) per
+compute (less sensitive than wall time to other jobs taking cores on a shared machine: a thread
+waiting for a core spends no CPU), the thread counts each really ran with, and the start-up:
 ``trainer.fit()`` called -> first batch in the loop, and -> first step done.
 """
 
@@ -69,9 +71,9 @@ def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: 
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train, steps))
     data = {k: torch.from_numpy(v) for k, v in crops(crop, POOL).items()}
-    timings = []
+    timings, cpu = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         rows = slice((i * BATCH) % POOL, (i * BATCH) % POOL + BATCH)
         lq, gt, task_id = to_model_batch({k: v[rows] for k, v in data.items()})
         out = model(lq, task_id, with_aux=True)
@@ -83,10 +85,12 @@ def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: 
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             timings.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     median = statistics.median(timings)
     return {
         "compute": median,
         "step": median,
+        "cpu": statistics.median(cpu),
         "threads": torch.get_num_threads(),
         "omp": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
@@ -97,17 +101,19 @@ def _timed_stage(config: dict) -> None:
     """``train_stage`` with two clocks added: batch in hand, and step done (rank 0's logger)."""
     import allinone.train as train_module
 
-    record = {"batch_at": [], "done_at": [], "threads": None, "omp": None}
+    record = {"batch_at": [], "done_at": [], "cpu_at": [], "threads": None, "omp": None}
     to_device, log = train_module._to_device, train_module.StepLogger.log
 
     def timed_to_device(*args, **kwargs):
         record["batch_at"].append(time.time())
+        record["cpu_at"].append(time.process_time())
         record["threads"] = torch.get_num_threads()
         record["omp"] = os.environ.get("OMP_NUM_THREADS", "unset")
         return to_device(*args, **kwargs)
 
     def timed_log(self, *args, **kwargs):
         record["done_at"].append(time.time())
+        record["cpu_at"].append(time.process_time())
         return log(self, *args, **kwargs)
 
     train_module._to_device, train_module.StepLogger.log = timed_to_device, timed_log
@@ -158,8 +164,11 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
     batch_at, done_at = record["batch_at"], record["done_at"]
     compute = [d - b for b, d in zip(batch_at, done_at, strict=False)][warmup:]
     whole = [b - a for a, b in zip(done_at, done_at[1:], strict=False)][warmup:]
+    cpu_at = record["cpu_at"]  # batch in hand, step done, batch in hand, ...
+    cpu = [done - got for got, done in zip(cpu_at[::2], cpu_at[1::2], strict=False)][warmup:]
     return {
         "compute": statistics.median(compute),
+        "cpu": statistics.median(cpu),
         "step": statistics.median(whole),
         "threads": record["threads"],
         "omp": record["omp"],
@@ -193,7 +202,7 @@ def main() -> None:
         platform = platform_loop(train, args.crop, args.steps, args.warmup, Path(scratch))
         after = bare_loop(train, args.crop, args.steps, args.warmup, threads)
     # The bare loop runs before and after the platform, so load drifting meanwhile hits both.
-    bare = {**before, **{k: (before[k] + after[k]) / 2 for k in ("compute", "step")}}
+    bare = {**before, **{k: (before[k] + after[k]) / 2 for k in ("compute", "step", "cpu")}}
 
     print(
         f"\ntraining step, promptir tiny, batch {BATCH}x3x{args.crop}x{args.crop}, fp32, "
@@ -211,6 +220,8 @@ def main() -> None:
                 f"{1000 * result['step']:.0f}",
                 f"{result['compute'] / bare['compute']:.2f}x",
                 f"{result['step'] / bare['step']:.2f}x",
+                f"{1000 * result['cpu']:.0f}",
+                f"{result['cpu'] / bare['cpu']:.2f}x",
                 str(result["threads"]),
                 str(result["omp"]),
             ]
@@ -223,6 +234,8 @@ def main() -> None:
                 "whole step ms",
                 "compute vs bare",
                 "step vs bare",
+                "CPU ms/step",
+                "CPU vs bare",
                 "torch threads",
                 "OMP_NUM_THREADS",
             ],
