@@ -188,10 +188,11 @@ def project_root(pipeline_path: Path) -> Path:
 
 
 def job_entrypoint(
-    pipeline: Pipeline, project: Path, workdir: str, tracking_uri: str | None
+    pipeline: Pipeline, project: Path, workdir: str, tracking_uri: str | None, verb: str = "run"
 ) -> str:
+    """``allinone run`` (or ``tune``) of the shipped pipeline, as the job's driver runs it."""
     shipped = _shipped(pipeline.path, project)
-    args = ["python", "-m", "allinone", "run", shipped, "--workdir", workdir]
+    args = ["python", "-m", "allinone", verb, shipped, "--workdir", workdir]
     if tracking_uri:
         args += ["--tracking-uri", tracking_uri]
     return shlex.join(args)
@@ -227,13 +228,14 @@ def submit(
     workdir: str | None,
     tracking_uri: str | None,
     env: dict[str, str],
+    verb: str = "run",
 ) -> str:
-    """Submit ``allinone run`` of a pipeline; returns the job's submission id."""
+    """Submit ``allinone run`` (or ``tune``) of a pipeline; returns the job's submission id."""
     project = project_root(pipeline.path)
     for name in pipeline.tasks:
         _shipped(pipeline.task_path(name), project)  # every task file must travel with the job
-    job_id = f"allinone-{pipeline.config.name}-{secrets.token_hex(4)}"
-    entrypoint = job_entrypoint(pipeline, project, workdir or f"runs/{job_id}", tracking_uri)
+    job_id = f"allinone-{verb}-{pipeline.config.name}-{secrets.token_hex(4)}"
+    entrypoint = job_entrypoint(pipeline, project, workdir or f"runs/{job_id}", tracking_uri, verb)
     return _ask(
         client,
         "submitting",

@@ -22,6 +22,7 @@ from typing import Any
 
 from allinone.config import Pipeline, resolve_source
 from allinone.shards import BuildRequest, build_shards
+from allinone.stream import train_data_config
 from allinone.train import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob, job_dict
 
 STATE = "state.json"
@@ -32,11 +33,35 @@ class CurriculumError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How one curriculum runs: where, tracked where, and what a caller (a study) adds."""
+
+    workdir: Path
+    tracking_uri: str | None = None
+    address: str | None = None
+    resume: bool = False
+    register: bool = True
+    fault: dict[str, Any] | None = None  # test hook: kill a worker once at a step
+    shards: Path | None = None  # shards built beforehand (a study's trials share them)
+    parent_run_id: str | None = None  # nest the curriculum's MLflow run under this one
+    tags: dict[str, str] = field(default_factory=dict)  # set on the curriculum's MLflow run
+    train_callbacks: tuple[Any, ...] = ()  # Ray Train callbacks, e.g. Tune's reporting one
+    # The curriculum's last scores are the caller's to report (a study's trial reports them once
+    # the run has ended, so that a scheduler stopping at its final step cannot cut the end short).
+    hold_final_scores: bool = False
+
+    @property
+    def shard_root(self) -> Path:
+        return (self.shards or self.workdir / "shards").resolve()
+
+
+@dataclass(frozen=True)
 class Stage:
     index: int
     name: str
     tasks: tuple[str, ...]  # trained in this stage
     steps: int
+    offset: int = 0  # curriculum steps before this stage
 
 
 def plan_stages(pipeline: Pipeline) -> list[Stage]:
@@ -47,8 +72,16 @@ def plan_stages(pipeline: Pipeline) -> list[Stage]:
     stages = []
     for k, task in enumerate(tasks):
         trained = tuple(tasks[: k + 1]) if mode == "cumulative" else (task,)
-        stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k]))
+        stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k], sum(steps[:k])))
     return stages
+
+
+def total_steps(pipeline: Pipeline) -> int:
+    return sum(stage.steps for stage in plan_stages(pipeline))
+
+
+def _is_last(pipeline: Pipeline, stage: Stage) -> bool:
+    return stage.offset + stage.steps == total_steps(pipeline)
 
 
 # --------------------------------------------------------------------------- run state
@@ -92,12 +125,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- data
-def shard_folder(workdir: Path, task: str, split: str) -> Path:
-    return workdir / "shards" / task / split
+def shard_folder(shards: Path, task: str, split: str) -> Path:
+    """A task split's folder under a shard root (``<workdir>/shards`` unless given)."""
+    return shards / task / split
 
 
-def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build=print) -> None:
-    """Build (or resume) every task's train and test shards in the work directory."""
+def prepare_shards(pipeline: Pipeline, shards: Path, workers: int = 2, on_build=print) -> None:
+    """Build (or resume) every task's train and test shards under the shard root."""
     config = pipeline.config
     for name, task in pipeline.tasks.items():
         for split in ("train", "test"):
@@ -107,7 +141,7 @@ def prepare_shards(pipeline: Pipeline, workdir: Path, workers: int = 2, on_build
                 task,
                 split,
                 str(resolved),
-                shard_folder(workdir, name, split),
+                shard_folder(shards, name, split),
                 config.data.samples_per_shard,
                 config.seed,
             )
@@ -142,13 +176,12 @@ class StageResult:
 
 def fit_stage(
     pipeline: Pipeline,
-    workdir: Path,
+    options: RunOptions,
     stage: Stage,
     state: RunState,
     init_weights: Path | None,
     tracking_uri: str,
     run_id: str,
-    fault: dict[str, Any] | None = None,
 ) -> StageResult:
     """Train one stage under Ray Train; returns the stage's final weights in the work dir."""
     from ray.train import (
@@ -162,6 +195,7 @@ def fit_stage(
 
     config = pipeline.config
     train = config.train
+    workdir = options.workdir.resolve()
     run_name = f"{config.name}-{stage.name}-{state.attempt}"
     status_dir = workdir / "ray" / run_name
     (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
@@ -182,8 +216,15 @@ def fit_stage(
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
         status_dir=str(status_dir.resolve()),
-        **(fault or {}),
+        step_offset=stage.offset,
+        curve_run_id=state.parent_run_id,
+        eval_sets=eval_sets(pipeline, options.shard_root) if train.eval_every else {},
+        eval_images=config.eval.max_images,
+        eval_tile=config.eval.tile,
+        hold_final_scores=options.hold_final_scores and _is_last(pipeline, stage),
+        **(options.fault or {}),
     )
+    dataset = stage_dataset(pipeline, options.shard_root, stage)
     trainer = TorchTrainer(
         _train_stage_entry,
         train_loop_config=job_dict(job),
@@ -201,8 +242,10 @@ def fit_stage(
             # Our own lines say stage, step, loss and samples/s; Ray Train's INFO lines
             # (every checkpoint persisted, every report) would bury them.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(options.train_callbacks),
         ),
-        datasets={"train": stage_dataset(pipeline, workdir, stage)},
+        datasets={"train": dataset},
+        dataset_config=train_data_config(dataset, train.num_workers),
     )
     try:
         result = trainer.fit()
@@ -231,13 +274,25 @@ def _worker_resources(train) -> dict[str, float]:
     return {"CPU": 1.0}
 
 
-def stage_dataset(pipeline: Pipeline, workdir: Path, stage: Stage):
+def eval_sets(pipeline: Pipeline, shards: Path) -> dict[str, dict[str, str]]:
+    """The test splits a worker scores every ``train.eval_every`` steps, by suite: every
+    training task (all-in-one) and every unseen task (zero-shot)."""
+    config = pipeline.config
+    suites = {"all-in-one": config.tasks, "zero-shot": config.unseen_tasks}
+    return {
+        suite: {task: str(shard_folder(shards, task, "test")) for task in tasks}
+        for suite, tasks in suites.items()
+        if tasks
+    }
+
+
+def stage_dataset(pipeline: Pipeline, shards: Path, stage: Stage):
     from allinone.stream import StreamPlan, task_shards, training_dataset
 
     config = pipeline.config
     ids = {name: i for i, name in enumerate(config.tasks)}
     plan = StreamPlan(
-        tasks=tuple(task_shards(shard_folder(workdir, t, "train"), t, ids[t]) for t in stage.tasks),
+        tasks=tuple(task_shards(shard_folder(shards, t, "train"), t, ids[t]) for t in stage.tasks),
         weights=dict(config.curriculum.weights),
         crop=config.data.crop,
         samples=stage.steps * config.data.batch_size * config.train.num_workers,

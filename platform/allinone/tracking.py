@@ -57,11 +57,22 @@ def _first_line(err: BaseException) -> str:
 
 
 @contextmanager
-def run(run_id: str | None, experiment_id: str, name: str, nested: bool = False) -> Iterator[str]:
-    """Start (or reopen, when resuming) a run. It ends FINISHED only when the body completes;
-    an exception, Ctrl-C included, marks it FAILED / KILLED."""
+def run(
+    run_id: str | None,
+    experiment_id: str,
+    name: str,
+    nested: bool = False,
+    parent_id: str | None = None,
+) -> Iterator[str]:
+    """Start (or reopen, when resuming) a run; ``nested`` under the active run, or under
+    ``parent_id`` (a run of another process, e.g. a study's). It ends FINISHED only when the body
+    completes; an exception, Ctrl-C included, marks it FAILED / KILLED."""
     active = mlflow.start_run(
-        run_id=run_id, experiment_id=experiment_id, run_name=name, nested=nested
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=name,
+        nested=nested,
+        parent_run_id=None if run_id else parent_id,
     )
     try:
         yield active.info.run_id

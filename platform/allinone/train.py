@@ -24,6 +24,7 @@ from allinone.config import TrainSection
 WEIGHTS_FILE = "model.pt"
 STATE_FILE = "stage_state.json"
 DS_TAG = "engine"
+CURRICULUM_STEP = "curriculum_step"  # steps since the curriculum began: ASHA's clock
 
 
 @dataclass
@@ -42,9 +43,15 @@ class StageJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     status_dir: str | None = None  # where a worker leaves a verdict the driver must read
+    step_offset: int = 0  # curriculum steps before this stage: x axis of the val/ curves
+    curve_run_id: str | None = None  # the curriculum's MLflow run, where val/ curves go too
+    eval_sets: dict[str, dict[str, str]] = field(default_factory=dict)  # suite: {task: folder}
+    eval_images: int | None = None  # per task
+    eval_tile: int | None = None
+    hold_final_scores: bool = False  # the final report leaves out the curriculum clock
     fail_at_step: int | None = None  # fault-injection for tests: kill this worker once at a step
     fail_marker: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # for tools that wrap train_stage
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
@@ -103,6 +110,7 @@ def train_stage(config: dict[str, Any]) -> None:
     ema = Ema(model, train.ema_decay) if train.ema_decay else None
     step = _restore(engine, ema, ray.train.get_checkpoint())
     logger = StepLogger(job, rank) if rank == 0 else None
+    validator = Validator(job, rank)
 
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
@@ -130,8 +138,15 @@ def train_stage(config: dict[str, Any]) -> None:
                 step, parts, engine.get_lr()[0], lq.shape[0] * world, time.perf_counter() - started
             )
         started = time.perf_counter()
-        if step % train.checkpoint_every == 0 or step == job.steps:
-            _report_checkpoint(engine, ema, job, step, parts, final=step == job.steps)
+        final = step == job.steps
+        evaluate = bool(job.eval_sets) and (final or step % (train.eval_every or step) == 0)
+        save = final or step % train.checkpoint_every == 0
+        if evaluate or save:
+            weights = consolidated_weights(engine, ema)  # every rank: ZeRO-3 gathers
+            scores = validator.scores(weights, device) if evaluate else {}
+            if logger and scores:
+                logger.log_validation(step, scores)
+            _report(engine, ema, job, step, parts, scores, weights if save else None)
 
 
 def _forever(batches, stream, batch_size: int):
@@ -148,7 +163,7 @@ def _set_threads(train: TrainSection, workers_on_node: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def _build_model(job: StageJob):
+def _build_model(job: StageJob, with_init: bool = True):
     from allinone.models import build
 
     model = build(
@@ -157,7 +172,7 @@ def _build_model(job: StageJob):
         task_names=tuple(job.task_names),
         **job.model.get("overrides", {}),
     )
-    if job.init_weights:
+    if job.init_weights and with_init:
         state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model
@@ -199,13 +214,51 @@ def _loss(engine, lq, gt, task_id, train: TrainSection):
     return loss, parts
 
 
-# --------------------------------------------------------------------------- checkpoints
-def _report_checkpoint(engine, ema, job: StageJob, step: int, parts: dict, final: bool) -> None:
+# --------------------------------------------------------------------------- reports
+class Validator:
+    """Scores the current weights on the test splits (``job.eval_sets``) on rank 0.
+
+    Rank 0 alone restores images, in fp32 on its device, with a model built once and refilled
+    with the consolidated weights (EMA's, when kept) each time."""
+
+    def __init__(self, job: StageJob, rank: int) -> None:
+        self.job, self.rank, self.model = job, rank, None
+
+    def scores(self, weights: dict[str, torch.Tensor], device) -> dict[str, float]:
+        from allinone.evaluate import validation_metrics
+
+        if self.rank != 0:
+            return {}
+        if self.model is None:
+            self.model = _build_model(self.job, with_init=False).to(device)
+        self.model.load_state_dict(weights)
+        return validation_metrics(
+            self.model, self.job.eval_sets, self.job.eval_images, self.job.eval_tile
+        )
+
+
+def _report(
+    engine,
+    ema,
+    job: StageJob,
+    step: int,
+    parts: dict,
+    scores: dict[str, float],
+    weights: dict[str, torch.Tensor] | None,
+) -> None:
+    """Metrics, with the validation scores when this step was evaluated, and with ``weights``
+    a checkpoint: the DeepSpeed state to resume from and the consolidated weights."""
     import ray.train
 
+    final = step == job.steps
+    metrics = {"step": step, "loss": parts["total"], "final": final, **scores}
+    if not (final and job.hold_final_scores):  # without its clock, a scheduler passes it by
+        metrics[CURRICULUM_STEP] = job.step_offset + step
+    if weights is None:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
-        weights = consolidated_weights(engine, ema)
         if ray.train.get_context().get_world_rank() == 0:
             torch.save(weights, Path(folder) / WEIGHTS_FILE)
             if ema:
@@ -218,7 +271,6 @@ def _report_checkpoint(engine, ema, job: StageJob, step: int, parts: dict, final
                 "task_names": job.task_names,
             }
             (Path(folder) / STATE_FILE).write_text(json.dumps(state))
-        metrics = {"step": step, "loss": parts["total"], "final": final}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -338,12 +390,27 @@ class StepLogger:
                 },
             )
 
-    def _to_mlflow(self, step: int, values: dict[str, float]) -> None:
+    def log_validation(self, step: int, scores: dict[str, float]) -> None:
+        """Validation scores: one line, the stage run's curve (stage steps) and the
+        curriculum run's (curriculum steps, so stages join into one curve)."""
+        averages = {k: v for k, v in scores.items() if k.endswith("/average_psnr")}
+        print(
+            f"[{self.job.stage_name}] step {step}/{self.job.steps} "
+            + " ".join(f"{k} {v:.2f} dB" for k, v in averages.items()),
+            flush=True,
+        )
+        if self.client:
+            values = {f"val/{k}": v for k, v in scores.items()}
+            self._to_mlflow(step, values)
+            if self.job.curve_run_id:
+                self._to_mlflow(self.job.step_offset + step, values, self.job.curve_run_id)
+
+    def _to_mlflow(self, step: int, values: dict[str, float], run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
-        self.client.log_batch(self.job.mlflow_run_id, metrics=metrics)
+        self.client.log_batch(run_id or self.job.mlflow_run_id, metrics=metrics)
 
 
 def job_dict(job: StageJob) -> dict[str, Any]:
