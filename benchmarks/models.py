@@ -20,13 +20,7 @@ BASELINE = "promptir"
 
 
 def parameters_of(name: str, preset: str) -> int:
-    # On the meta device nothing is allocated, so a paper-size preset costs no memory; a builder
-    # that copies real data at build time (e.g. a frozen tower's buffers) is built for real.
-    try:
-        with torch.device("meta"):
-            return models.count_parameters(models.build(name, preset))
-    except (NotImplementedError, RuntimeError):
-        return models.count_parameters(models.build(name, preset))
+    return models.parameter_counts(name, preset)[0]
 
 
 def seconds_per_crop(name: str, batch: int, crop: int, warmup: int, repeats: int) -> float:

@@ -129,7 +129,7 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from allinone.curriculum import _worker_resources
+    from allinone.curriculum import WORKER_RESOURCES
 
     pool = crops(crop, POOL)
     rows = [{k: v[i % POOL] for k, v in pool.items()} for i in range((steps + warmup + 4) * BATCH)]
@@ -150,7 +150,7 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
         _timed_stage,
         train_loop_config=job_dict(job),
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker=_worker_resources(train)),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker=WORKER_RESOURCES),
         run_config=RunConfig(
             name="bench-train-overhead",
             storage_path=str(scratch / "ray"),

@@ -267,8 +267,8 @@ def test_submitted_run_is_tracked_and_registered(services: Services, smoke_job: 
     client = MlflowClient(services.tracking_uri)
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1
+    parents = [r for r in runs if r.info.run_name == "smoke"]  # a study's runs may sit beside it
+    assert len(parents) == 1 and "mlflow.parentRunId" not in parents[0].data.tags
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert "final/average_psnr" in parent.data.metrics
@@ -284,6 +284,45 @@ def test_submitted_run_is_tracked_and_registered(services: Services, smoke_job: 
     # The job uploaded through the server, which kept the files where it was told to.
     assert any(services.artifacts.rglob("summary.json"))
     assert any(services.artifacts.rglob("MLmodel"))
+
+
+@pytest.fixture(scope="module")
+def tune_job(services: Services) -> subprocess.CompletedProcess:
+    """The smoke pipeline's study, submitted with --tune and followed to its end."""
+    result = allinone(
+        "submit",
+        "pipelines/smoke.yaml",
+        "--tune",
+        "--address",
+        services.dashboard,
+        "--tracking-uri",
+        services.tracking_uri,
+        "--env",
+        f"ALLINONE_DATA={SHARED_DATA}",
+        env=services.client_env,
+        timeout_s=SUBMIT_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def test_a_submitted_study_runs_its_trials_on_the_cluster(
+    services: Services, tune_job: subprocess.CompletedProcess
+) -> None:
+    from mlflow import MlflowClient
+
+    assert "SUCCEEDED" in tune_job.stdout.splitlines()[-1]
+    assert re.search(r"submitted job allinone-tune-smoke-", tune_job.stdout)
+    client = MlflowClient(services.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    studies = [r for r in runs if r.info.run_name == "smoke-study"]
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == studies[0].info.run_id]
+    assert len(trials) == 2 and all("allinone.trial" in t.data.tags for t in trials)
+    best = studies[0].data.tags["allinone.best_trial"]
+    best_run = next(t for t in trials if t.data.tags["allinone.trial"] == best)
+    versions = client.search_model_versions(f"name='allinone' and run_id='{best_run.info.run_id}'")
+    assert len(versions) == 1
 
 
 def test_jobs_status_and_list_know_the_finished_job(services: Services, smoke_job: str) -> None:

@@ -111,6 +111,35 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "bad.yaml" in lines[0] and "quality" in lines[0]
 
 
+def test_config_check_tells_a_task_from_a_pipeline_by_its_content(tmp_path: Path) -> None:
+    task = tmp_path / "elsewhere" / "noise.yaml"  # not in a tasks/ folder
+    task.parent.mkdir()
+    task.write_text("name: noise\nkind: synthetic\ndegrade:\n  - {op: gaussian_noise}\n")
+    checked = _cli("config", "check", str(task), str(REPO / "pipelines" / "quickstart.yaml"))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.count(": ok") == 2
+    task.write_text("name: noise\nkind: synthetic\ndegrade:\n  - {op: jpeg, quality: 0}\n")
+    bad = _cli("config", "check", str(task))
+    assert bad.returncode == 2 and "degrade.0" in bad.stderr, bad.stderr  # judged as a task
+    other = tmp_path / "notes.yaml"
+    other.write_text("title: not a config\n")
+    neither = _cli("config", "check", str(other))
+    assert neither.returncode == 2 and "neither a task" in neither.stderr
+
+
+def test_invalid_yaml_is_one_line_with_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\nkind: synthetic\ndegrade: [\n  {op: jpeg\n")
+    with pytest.raises(ConfigError) as caught:
+        load_task(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not valid YAML: line ") and ", column " in message
+    result = _cli("config", "check", str(path))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "broken.yaml" in lines[0], lines
+
+
 def test_env_expansion() -> None:
     assert expand_env("${ALLINONE_SURELY_UNSET:-a/b}/c") == "a/b/c"
     with pytest.raises(ValueError, match="ALLINONE_SURELY_UNSET"):

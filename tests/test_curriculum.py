@@ -67,7 +67,7 @@ def test_stage_plans_follow_the_mode(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ray_session):
     folder = tmp_path_factory.mktemp("e2e")
-    pipeline = load_pipeline(write_pipeline(folder, "e2e"))
+    pipeline = load_pipeline(write_pipeline(folder, "e2e", train=", eval_every: 2"))
     summary = run_pipeline(pipeline, RunOptions(folder / "work"), say=lambda *_: None)
     return folder / "work", summary
 
@@ -105,6 +105,14 @@ def test_mlflow_holds_one_parent_and_a_nested_run_per_stage(finished_run) -> Non
         assert Path(child.data.params["checkpoint"]).is_file()
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "config")]
     assert "config/pipeline.json" in artifacts
+    # Every 2 steps the workers scored the test splits: per stage, and joined into one
+    # curriculum-long curve on the parent run.
+    curve = client.get_metric_history(parents[0].info.run_id, "val/all-in-one/average_psnr")
+    assert sorted(m.step for m in curve) == [2, 4, 6, 8]
+    assert all(5 < m.value < 60 for m in curve)
+    for child in children:
+        steps = client.get_metric_history(child.info.run_id, "val/all-in-one/denoise/psnr")
+        assert sorted(m.step for m in steps) == [2, 4]
 
 
 def test_registered_model_restores_another_size(finished_run) -> None:

@@ -246,6 +246,35 @@ def test_fine_tuning_lowers_the_loss_on_its_pairs(pipeline, trained_model) -> No
     assert loss(tuned) < 0.8 * loss(trained_model)
 
 
+class BorderRuin(torch.nn.Module):
+    """Returns its input with a frame of ``width`` pixels blacked out: wrong only at the border."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.gain = torch.nn.Parameter(torch.ones(()))  # a restorer's weights live on a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * self.gain
+        if self.width:
+            inner = out[..., self.width : -self.width, self.width : -self.width]
+            out = torch.nn.functional.pad(inner, [self.width] * 4)
+        return out
+
+
+def test_sr_scores_ignore_the_border_its_protocol_drops() -> None:
+    def model_psnr(model: torch.nn.Module, task: str) -> float:
+        catalog = load_catalog(default_tasks_dir())
+        plan = EvalPlan(model=model, trained=(task,), catalog=catalog, max_images=1)
+        return run_suites(plan, ["all-in-one"]).rows[0].psnr
+
+    assert load_catalog(default_tasks_dir())["sr"].config.crop_border == 4
+    # SR ignores 4 px at each border: ruining exactly those costs nothing.
+    assert model_psnr(BorderRuin(4), "sr") == model_psnr(BorderRuin(0), "sr")
+    # Denoising scores every pixel: the same ruin costs dBs.
+    assert model_psnr(BorderRuin(4), "denoise") < model_psnr(BorderRuin(0), "denoise") - 1
+
+
 def test_unknown_and_misplaced_tasks_are_clear_errors(pipeline, trained_model) -> None:
     plan = make_plan(pipeline, trained_model, max_images=1)
     with pytest.raises(EvalError, match=r"unknown task 'fog' \(known: "):

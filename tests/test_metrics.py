@@ -8,8 +8,10 @@ import torch
 from scipy.signal import convolve2d
 from torch import nn
 
+from allinone.evaluate import model_restorer
 from allinone.metrics import (
     PSNR_CAP_DB,
+    default_overlap,
     psnr,
     restore_tiled,
     rgb_to_y,
@@ -193,6 +195,22 @@ def test_one_call_when_the_image_fits() -> None:
     assert model.calls == 2
     restore_tiled(model, _batch(h=97, w=131), tile=48, overlap=16)
     assert model.calls > 2
+
+
+def test_evaluation_restores_in_tiles_of_32() -> None:
+    # The smallest --tile the CLI takes; evaluation once passed a fixed 32 px overlap and crashed.
+    model = TaskConvNet(depth=1)
+    image = to_image(_batch(h=97, w=131))
+    whole = model_restorer(model, tile=None)(image)
+    calls = model.calls
+    tiled = model_restorer(model, tile=32)(image)
+    assert model.calls - calls > 1, "the image must have been restored in tiles"
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+
+
+def test_the_default_overlap_fits_every_tile() -> None:
+    assert default_overlap(256) == 32
+    assert all(0 <= default_overlap(tile) < tile for tile in range(1, 100))
 
 
 def test_overlap_must_be_smaller_than_the_tile() -> None:

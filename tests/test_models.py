@@ -14,11 +14,15 @@ from allinone.losses import charbonnier, focal, l1, total_loss
 from allinone.models import MODELS, Restoration
 
 NAMES = sorted(MODELS)
+# Every preset that trains on a CPU (all but the papers' sizes), as "name:preset".
+PRESETS = [f"{n}:{p}" for n in NAMES for p in MODELS[n].presets if not p.startswith("paper")]
 
 
 def build(name: str, seed: int = 0) -> models.RestorationModel:
+    """``name`` or ``name:preset`` (default tiny), seeded."""
     torch.manual_seed(seed)
-    return models.build(name, "tiny")
+    model_name, _, preset = name.partition(":")
+    return models.build(model_name, preset or "tiny")
 
 
 def labels(model: models.RestorationModel, n: int) -> torch.Tensor:
@@ -26,7 +30,7 @@ def labels(model: models.RestorationModel, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 37, 53), (2, 3, 64, 96)])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PRESETS)
 def test_forward_backward_reaches_prompts(name: str, shape: tuple[int, ...]) -> None:
     model = build(name)
     x = torch.rand(shape)
@@ -42,7 +46,7 @@ def test_forward_backward_reaches_prompts(name: str, shape: tuple[int, ...]) -> 
     assert sum(float(p.grad.abs().sum()) for p in prompts) > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PRESETS)
 def test_blind_and_told_inference(name: str) -> None:
     model = build(name).eval()
     x = torch.rand(2, 3, 40, 48)
@@ -57,14 +61,14 @@ def test_blind_and_told_inference(name: str) -> None:
     assert torch.equal(plain, blind.image)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PRESETS)
 def test_same_seed_same_init(name: str) -> None:
     first, second = build(name, seed=3).state_dict(), build(name, seed=3).state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PRESETS)
 def test_save_load_round_trip(name: str, tmp_path) -> None:
     model = build(name, seed=1).eval()
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -75,7 +79,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
         assert torch.equal(model(x), fresh(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PRESETS)
 def test_one_train_step(name: str) -> None:
     # Time is printed, not asserted: the machine's load varies. Run with -s to see it.
     model = build(name)
@@ -129,3 +133,94 @@ def test_total_loss_adds_weighted_aux_terms() -> None:
     # Unknown task: no focal term; a zero weight logs a term without adding it.
     loss, parts = total_loss(out, torch.ones(1, 3, 2, 2), None, aux_weights={"orthogonality": 0})
     assert float(loss) == pytest.approx(1.0) and "focal" not in parts
+
+
+LIST_MODELS = """
+import resource, sys
+from allinone.cli import app
+app(["models", "list"], standalone_mode=False)
+print("peak-rss-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def test_models_list_counts_without_building_weights() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "400"}  # one table row per line
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_MODELS], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = {}
+    for line in listed.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 5 and cells[2].replace(",", "").isdigit():
+            rows[cells[0], cells[1]] = (
+                int(cells[2].replace(",", "")),
+                int(cells[3].replace(",", "")),
+            )
+    assert set(rows) == {(n, p) for n in NAMES for p in MODELS[n].presets}
+    # The same numbers as real builds: a frozen CLIP tower counts as not trainable.
+    for name in ("promptir", "clip_prompt"):
+        model = models.build(name, "tiny")
+        real = (models.count_parameters(model), models.count_parameters(model, trainable_only=True))
+        assert rows[name, "tiny"] == real
+    assert rows["clip_prompt", "tiny"][1] < rows["clip_prompt", "tiny"][0]
+    # Built for real, the paper presets (one of 1B parameters, 4 GB of fp32) took 5 GB.
+    peak_kib = int(listed.stderr.split("peak-rss-kib")[-1])
+    assert rows["perceiver", "paper"][0] > 10**9 and peak_kib < 2 * 1024**2, peak_kib
+
+
+def test_a_models_own_aux_weights_apply_unless_the_pipeline_names_them() -> None:
+    from allinone.train import aux_weights
+
+    pip = models.build("pip", "tiny")
+    assert aux_weights(pip, {}) == {"orthogonality": 0.002}, "PIP's paper weight"
+    assert aux_weights(pip, {"orthogonality": 0.1, "focal": 0.5}) == {
+        "orthogonality": 0.1,
+        "focal": 0.5,
+    }
+    assert aux_weights(models.build("promptir", "tiny"), {}) == {}
+
+
+def test_a_pipeline_starts_from_its_own_pretrained_checkpoint(tmp_path) -> None:
+    from allinone.config import ConfigError, load_pipeline
+    from allinone.run import check_pretrained
+    from allinone.train import StageJob, _build_model
+    from conftest import REPO
+
+    def pipeline(weights: str, name: str = "promptir") -> object:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"name: p\ntasks_dir: {REPO / 'tasks'}\ntasks: [denoise]\n"
+            f"model: {{name: {name}, preset: tiny, pretrained: {weights}}}\n"
+            "curriculum: {steps: [1]}\n"
+        )
+        return load_pipeline(path)
+
+    with pytest.raises(ConfigError, match=r"model\.pretrained: weights file not found"):
+        pipeline("missing.pt")
+    torch.manual_seed(3)
+    saved = models.build("promptir", "tiny", task_names=("denoise",))
+    torch.save(saved.state_dict(), tmp_path / "mine.pt")
+    fits = pipeline("mine.pt")  # relative to the pipeline file
+    check_pretrained(fits)
+    with pytest.raises(ConfigError, match=r"model\.pretrained: .*mine\.pt does not fit"):
+        check_pretrained(pipeline("mine.pt", name="pip"))
+    # The first stage's worker builds its model from those weights.
+    job = StageJob(
+        stage=0,
+        stage_name="s",
+        steps=1,
+        model={"name": "promptir", "preset": "tiny", "overrides": {}},
+        task_names=["denoise"],
+        train={},
+        batch_size=1,
+        seed=0,
+        init_weights=str(fits.pretrained),
+    )
+    built = _build_model(job)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(built.state_dict()[key], value), key

@@ -153,7 +153,7 @@ def test_clip_prompt_loads_a_local_open_clip_state_dict(tmp_path) -> None:
     reference = create_clip(TINY_CLIP)
     path = tmp_path / "clip.pt"
     torch.save(reference.state_dict(), path)
-    model = build("clip_prompt", seed=0, pretrained=str(path)).eval()
+    model = build("clip_prompt", seed=0, pretrained_clip=str(path)).eval()
     assert state_equal(model.clip.visual, reference.visual)
     sentences = task_sentences(model.task_names, "a photo with {}")
     assert torch.allclose(model.text_embeddings, embed_texts(reference, TINY_CLIP, sentences))
@@ -183,7 +183,7 @@ def test_perceiver_loads_local_diffusers_folders(tmp_path) -> None:
 def test_missing_weight_files_are_named(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        build("clip_prompt", pretrained=str(missing / "clip.pt"))
+        build("clip_prompt", pretrained_clip=str(missing / "clip.pt"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build("perceiver", pretrained_vae=str(missing))
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -194,7 +194,7 @@ def test_mismatched_clip_checkpoint_names_path_and_keys(tmp_path) -> None:
     path = tmp_path / "other_arch.pt"
     torch.save(nn.Linear(3, 3).state_dict(), path)
     with pytest.raises(ValueError, match="other_arch.pt") as error:
-        build("clip_prompt", pretrained=str(path))
+        build("clip_prompt", pretrained_clip=str(path))
     message = str(error.value)
     assert "missing keys" in message and "unexpected keys: weight, bias" in message
 

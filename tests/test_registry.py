@@ -41,7 +41,8 @@ def test_champion_moves_only_when_beaten_on_the_same_suite(recorded) -> None:
 
     def register(score: float, suite: str = SUITE) -> dict:
         with mlflow.start_run(experiment_id=client.get_run(recorded.parent_id).info.experiment_id):
-            return log_and_register(model, "alias-rule", {"final/average_psnr": score}, suite)
+            metrics = {"final/average_psnr": score}
+            return log_and_register(model, "alias-rule", metrics, suite, score)
 
     steps = [
         (25.0, SUITE, CHAMPION, 1),  # the first version
@@ -88,7 +89,8 @@ def test_plain_mlflow_loads_the_champion_in_a_fresh_process(recorded, tmp_path) 
     mlflow.set_tracking_uri(recorded.uri)
     if not MlflowClient().search_model_versions("name = 'allinone'"):
         with mlflow.start_run(run_id=recorded.parent_id):
-            log_and_register(resolve_model(str(recorded.weights)).module, "allinone", {}, SUITE)
+            model = resolve_model(str(recorded.weights)).module
+            log_and_register(model, "allinone", {}, SUITE, None)
     example = mlflow.models.get_model_info("models:/allinone@champion").saved_input_example_info
     image = np.random.default_rng(3).random((1, 3, 45, 70), dtype=np.float32)
     assert example and image.shape[-2:] != (32, 32)  # the logged example is 32 x 32

@@ -55,7 +55,7 @@ def record_run(folder: Path, name: str, tasks=("denoise",), steps: int = 3) -> R
                 weights = _fine_tune(model, pipeline, workdir, stage)
                 write_model_card(weights, pipeline.config, stage.name)
                 mlflow.log_params({"stage.index": stage.index, "checkpoint": str(weights)})
-                scores = _score_stage(pipeline, workdir, weights, [stage_id, parent_id])
+                scores = _score_stage(pipeline, workdir / "shards", weights, [stage_id, parent_id])
                 for task, score in scores.items():
                     mlflow.log_metrics(score.as_metrics(f"test/{task}"))
             matrix[stage.name] = {task: score.psnr for task, score in scores.items()}
@@ -71,14 +71,16 @@ def _build_test_shards(pipeline: Pipeline, workdir: Path) -> None:
     for task in pipeline.config.tasks:
         source, origin, field = _split_source(pipeline, task, "test")
         where = resolve_source(source, origin.parent, origin, field)
-        out = shard_folder(workdir, task, "test")
+        out = shard_folder(workdir / "shards", task, "test")
         build_shards(BuildRequest(pipeline.tasks[task], "test", str(where), out, 16))
 
 
 def _fine_tune(model, pipeline: Pipeline, workdir: Path, stage) -> Path:
     """A few real Adam steps on 48 px crops of the stage's pairs, logging ``train/loss``."""
     pairs = [
-        p for t in stage.tasks for p in evaluate.test_pairs(shard_folder(workdir, t, "test"), t, 2)
+        p
+        for t in stage.tasks
+        for p in evaluate.test_pairs(shard_folder(workdir / "shards", t, "test"), t, 2)
     ]
     lq = torch.stack([torch.from_numpy(p[1][:48, :48]).permute(2, 0, 1) for p in pairs])
     gt = torch.stack([torch.from_numpy(p[2][:48, :48]).permute(2, 0, 1) for p in pairs])
@@ -150,6 +152,7 @@ def test_a_registry_uri_loads_with_its_config(recorded) -> None:
             "resolve-test",
             recorded.summary["final"],
             "all-in-one:denoise,dehaze",
+            recorded.summary["final"]["final/average_psnr"],
             config=recorded.pipeline.config,
         )
     for uri in ("models:/resolve-test@champion", f"models:/resolve-test/{registered['version']}"):
@@ -181,3 +184,14 @@ def test_a_checkpoint_of_another_architecture(recorded, tmp_path) -> None:
     message = str(caught.value)
     assert "not weights of promptir (preset tiny)" in message and "\n" not in message
     assert "unexpected keys: 0.weight, 0.bias" in message and "missing keys" in message
+
+
+def test_a_sqlite_store_that_does_not_exist_is_named_not_created(tmp_path) -> None:
+    store = tmp_path / "typo" / "mlflow.db"
+    store.parent.mkdir()
+    for ref in ("models:/allinone@champion", "0" * 32):
+        with pytest.raises(ResolveError) as caught:
+            resolve_model(ref, f"sqlite:///{store}")
+        message = str(caught.value)
+        assert f"tracking store {store} does not exist" in message and "\n" not in message
+    assert list(store.parent.iterdir()) == [], "resolving must not create a database"

@@ -33,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from allinone.suites import EvalError
     from allinone.testsets import EvalDataError
     from allinone.tracking import TrackingError
+    from allinone.tune import StudyError
 
     return (
         *USER_ERRORS,
@@ -45,6 +46,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ResolveError,
         RestoreError,
         ReportError,
+        StudyError,
     )
 
 
@@ -136,19 +138,13 @@ def shards_verify(
 @models_app.command("list")
 def models_list() -> None:
     """Every model with its presets and parameter counts."""
-    from allinone.models import MODELS, build, count_parameters
+    from allinone.models import MODELS, parameter_counts
 
     table = Table("model", "preset", "parameters", "trainable", "description")
     for name, entry in sorted(MODELS.items()):
         for preset in entry.presets:
-            model = build(name, preset)
-            table.add_row(
-                name,
-                preset,
-                f"{count_parameters(model):,}",
-                f"{count_parameters(model, trainable_only=True):,}",
-                entry.description,
-            )
+            total, trainable = parameter_counts(name, preset)
+            table.add_row(name, preset, f"{total:,}", f"{trainable:,}", entry.description)
     console.print(table)
 
 
@@ -157,12 +153,22 @@ def models_list() -> None:
 def config_check(
     paths: Annotated[list[Path], typer.Argument(help="Task or pipeline YAML files")],
 ) -> None:
-    """Validate configs; a file under tasks/ is a task, anything else a pipeline."""
+    """Validate configs; a file with a ``kind`` field is a task, one with ``curriculum`` or
+    ``model`` a pipeline, wherever it lives."""
+    from allinone.config import load_yaml
+
     for path in paths:
-        if path.resolve().parent.name == "tasks":
+        data = load_yaml(path)
+        if "kind" in data:
             load_task(path)
-        else:
+        elif "curriculum" in data or "model" in data:
             load_pipeline(path)
+        else:
+            raise ConfigError(
+                path,
+                "",
+                "neither a task (no 'kind' field) nor a pipeline (no 'curriculum' or 'model')",
+            )
         console.print(f"{path}: [green]ok[/]")
 
 
@@ -203,6 +209,50 @@ def _print_matrix(summary: dict) -> None:
     )
 
 
+# --------------------------------------------------------------------------- tuning
+@app.command("tune")
+def tune(
+    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline with a tune: block")],
+    workdir: Annotated[
+        Path | None, typer.Option(help="Default: ./runs/<pipeline name>-tune")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default: local Ray")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the study in --workdir")] = False,
+) -> None:
+    """Search the pipeline's tune: space with Ray Tune; register the best trial's model."""
+    from allinone.tune import StudyError, StudyOptions, run_study, table_rows
+
+    pipeline = load_pipeline(pipeline_yaml)
+    if pipeline.config.tune is None:
+        raise StudyError(f"{pipeline_yaml}: no tune: block, so nothing to search")
+    options = StudyOptions(
+        workdir or Path("runs") / f"{pipeline.config.name}-tune", tracking_uri, address, resume
+    )
+    result = run_study(pipeline, options, say=console.print)
+    header, *body = table_rows(result)
+    table = Table(*header, title=f"{len(body)} trials, {result.trial_steps} curriculum steps")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    best = result.best()
+    if best is None:
+        errors.print("no trial completed its curriculum: nothing registered", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"best: trial {best.trial}, {result.metric} {best.metric:.3f}", highlight=False)
+    if result.registered:
+        registered = result.registered
+        console.print(
+            f"registered {registered['name']} v{registered['version']} as "
+            f"@{registered['alias']} ({registered['reason']})",
+            highlight=False,
+        )
+
+
 # --------------------------------------------------------------------------- cluster jobs
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster.")
 app.add_typer(jobs_app, name="jobs")
@@ -236,13 +286,20 @@ def submit(
         typer.Option(help="KEY=VALUE for the job, repeatable, e.g. ALLINONE_DATA=/mnt/data"),
     ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends")] = True,
+    tune: Annotated[
+        bool, typer.Option("--tune", help="Run the pipeline's tune: study (`allinone tune`)")
+    ] = False,
 ) -> None:
-    """Run a pipeline on a Ray cluster through the Ray Jobs API (same as `run`, but remote)."""
+    """Run a pipeline (or, with --tune, its study) on a Ray cluster through the Ray Jobs API."""
     from allinone import cluster
+    from allinone.tune import StudyError
 
     pipeline = load_pipeline(pipeline_yaml)
+    if tune and pipeline.config.tune is None:
+        raise StudyError(f"{pipeline_yaml}: --tune needs a tune: block in the pipeline")
+    verb = "tune" if tune else "run"
     client = cluster.connect(address)
-    job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []))
+    job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []), verb)
     at = f"--address {client.get_address()}"
     console.print(
         f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"

@@ -106,6 +106,9 @@ class TaskConfig(Strict):
     train: SplitConfig = SplitConfig()
     test: SplitConfig = SplitConfig()
     benchmarks: list[BenchmarkSet] = Field(default_factory=list)
+    # Pixels ignored at each border when scoring, as the protocol asks (SR: its scale): the
+    # border of an upscaled image lacks the neighbours interpolation needs, in every method.
+    crop_border: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:
@@ -156,10 +159,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(path, "", f"not valid YAML ({err})") from None
+        raise ConfigError(path, "", f"not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "", "expected a mapping of fields at the top level")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where (1-based line and column) and what, without the
+    snippet of the file it quotes over several lines."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(problem.split())
 
 
 def validate(model: type[BaseModel], data: dict[str, Any], path: str | Path) -> Any:
@@ -232,7 +244,9 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
     preset: str = "tiny"
-    pretrained: str | None = None  # our own checkpoint (a local file) to start from
+    # Our own checkpoint (a model.pt of this architecture) the first stage starts from; a
+    # component's weights (CLIP, a diffusers folder) go to the model's own pretrained_* argument.
+    pretrained: str | None = None
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -259,6 +273,7 @@ class CurriculumSection(Strict):
 
 
 class TrainSection(Strict):
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adam: weight decay as L2, adamw: decoupled
     lr: float = Field(2e-4, gt=0)
     min_lr: float = Field(1e-6, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -275,6 +290,8 @@ class TrainSection(Strict):
     num_workers: int = Field(1, ge=1)
     threads_per_worker: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(50, ge=1)
+    # Score the test splits inside the stage every N steps (val/ curves; what ASHA reads).
+    eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
 
@@ -311,6 +328,67 @@ class EvalSection(Strict):
     few_shot: FewShotSection = FewShotSection()
 
 
+class SearchDomain(Strict):
+    """One searched field: exactly one of ``choice``, ``uniform``, ``loguniform`` or ``randint``
+    (integers, both ends included)."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_valid_range(self) -> SearchDomain:
+        given = [name for name in DOMAINS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DOMAINS)} (got {given or 'none'})")
+        if self.choice is not None:
+            return self
+        low, high = getattr(self, given[0])
+        if not low < high:
+            raise ValueError(f"{given[0]}: empty or inverted range [{low}, {high}]")
+        if self.loguniform is not None and low <= 0:
+            raise ValueError(f"loguniform: the range must be positive, got [{low}, {high}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DOMAINS if getattr(self, name) is not None)
+
+    def bounds(self) -> list[Any]:
+        """The values a trial can take at the edges of the domain (every choice)."""
+        return list(self.choice) if self.choice is not None else list(getattr(self, self.kind))
+
+
+DOMAINS = ("choice", "uniform", "loguniform", "randint")
+
+
+class AshaSection(Strict):
+    """ASHA's rungs, in curriculum steps: the first at ``grace_steps``, then every
+    ``reduction_factor`` times further; at each rung only the best 1/reduction_factor go on."""
+
+    grace_steps: int | None = Field(None, ge=1)  # default: the first evaluation (eval_every)
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class TuneSection(Strict):
+    """A Ray Tune study over fields of this pipeline (``allinone tune``)."""
+
+    # A suite's metric: all-in-one/average_psnr, all-in-one/<task>/psnr, zero-shot/..., ssim too.
+    metric: str = "all-in-one/average_psnr"
+    mode: Literal["max", "min"] = "max"
+    search: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    asha: AshaSection = AshaSection()
+    num_samples: int = Field(8, ge=1)
+    # Default: as many trials at once as the cluster fits; with optuna at most one per four
+    # trials, so that most trials are suggested from finished ones.
+    max_concurrent: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, ge=1)  # steps between the evaluations ASHA reads
+    register_best: bool = True  # the best completed trial's model, by the registry's rules
+    space: dict[str, SearchDomain] = Field(min_length=1)
+
+
 class PipelineConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
@@ -323,7 +401,7 @@ class PipelineConfig(Strict):
     curriculum: CurriculumSection
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
-    tune: dict[str, Any] | None = None  # validated by allinone.tune when a study runs
+    tune: TuneSection | None = None  # a study's search space, objective and scheduler
 
     @field_validator("tasks", "unseen_tasks")
     @classmethod
@@ -367,6 +445,14 @@ class Pipeline:
     def task_path(self, name: str) -> Path:
         return task_file(self.config, self.folder, name)
 
+    @property
+    def pretrained(self) -> Path | None:
+        """``model.pretrained``: our own checkpoint the first stage starts from."""
+        if self.config.model.pretrained is None:
+            return None
+        path = Path(expand_env(self.config.model.pretrained))
+        return path if path.is_absolute() else (self.folder / path).resolve()
+
 
 def task_file(config: PipelineConfig, folder: Path, name: str) -> Path:
     return (folder / expand_env(config.tasks_dir) / f"{name}.yaml").resolve()
@@ -375,7 +461,7 @@ def task_file(config: PipelineConfig, folder: Path, name: str) -> Path:
 def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path).resolve()
     config: PipelineConfig = validate(PipelineConfig, load_yaml(path), path)
-    _check_model(config, path)
+    check_model(config, path)
     tasks = {}
     for field_name in ("tasks", "unseen_tasks"):
         for i, name in enumerate(getattr(config, field_name)):
@@ -386,10 +472,21 @@ def load_pipeline(path: str | Path) -> Pipeline:
     for name in config.unseen_tasks:
         if name in config.tasks:
             raise ConfigError(path, "unseen_tasks", f"{name!r} is also a training task")
-    return Pipeline(config, path, tasks)
+    if config.tune is not None:
+        from allinone.tune import check_study
+
+        check_study(config, path)
+    pipeline = Pipeline(config, path, tasks)
+    try:
+        pretrained = pipeline.pretrained
+    except ValueError as err:  # an unset ${VAR} in the path
+        raise ConfigError(path, "model.pretrained", str(err)) from None
+    if pretrained is not None and not pretrained.is_file():
+        raise ConfigError(path, "model.pretrained", f"weights file not found: {pretrained}")
+    return pipeline
 
 
-def _check_model(config: PipelineConfig, path: Path) -> None:
+def check_model(config: PipelineConfig, path: Path) -> None:
     from allinone.models import MODELS  # the zoo imports torch: only when a pipeline is loaded
 
     entry = MODELS.get(config.model.name)
@@ -405,9 +502,10 @@ def _check_model(config: PipelineConfig, path: Path) -> None:
             f"(presets: {sorted(entry.presets)})",
         )
     parameters = inspect.signature(entry.builder).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = {p.name for p in parameters}
+    accepted = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(accepted) < len(parameters):  # a builder passing **kwargs on: its presets' keys
+        accepted |= {key for preset in entry.presets.values() for key in preset}
+    accepted.discard("task_names")  # set from the pipeline's tasks
     for key in config.model.overrides:
         if key not in accepted:
             raise ConfigError(

@@ -232,7 +232,7 @@ def fit_stage(
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker=_worker_resources(train),
+            resources_per_worker=WORKER_RESOURCES,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -268,19 +268,24 @@ def _train_stage_entry(config: dict[str, Any]) -> None:
     train_stage(config)
 
 
-def _worker_resources(train) -> dict[str, float]:
-    # One logical CPU per worker; the driver starts Ray with spare logical CPUs for Ray Data's
-    # readers (DESIGN.md: with none left, a 2-worker run deadlocks). Threads are set separately.
-    return {"CPU": 1.0}
+# One logical CPU per worker; the driver starts Ray with spare logical CPUs for Ray Data's
+# readers (DESIGN.md: with none left, a 2-worker run deadlocks). Threads are set separately.
+WORKER_RESOURCES = {"CPU": 1.0}
 
 
-def eval_sets(pipeline: Pipeline, shards: Path) -> dict[str, dict[str, str]]:
+def eval_sets(pipeline: Pipeline, shards: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """The test splits a worker scores every ``train.eval_every`` steps, by suite: every
-    training task (all-in-one) and every unseen task (zero-shot)."""
+    training task (all-in-one) and every unseen task (zero-shot), with the border each ignores."""
     config = pipeline.config
     suites = {"all-in-one": config.tasks, "zero-shot": config.unseen_tasks}
     return {
-        suite: {task: str(shard_folder(shards, task, "test")) for task in tasks}
+        suite: {
+            task: {
+                "folder": str(shard_folder(shards, task, "test")),
+                "crop_border": pipeline.tasks[task].crop_border,
+            }
+            for task in tasks
+        }
         for suite, tasks in suites.items()
         if tasks
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,3 +138,33 @@ def score_task(
     crop_border: int = 0,
 ) -> TaskScore:
     return score_task_with_sample(model, folder, task, limit, tile, crop_border)[0]
+
+
+# --------------------------------------------------------------------------- validation
+def validation_metric_names(suite: str, tasks: Iterable[str]) -> list[str]:
+    """What :func:`validation_metrics` reports for a suite: per task and on average."""
+    names = [f"{suite}/{task}/{m}" for task in tasks for m in ("psnr", "ssim")]
+    return [*names, f"{suite}/average_psnr", f"{suite}/average_ssim"]
+
+
+@torch.no_grad()
+def validation_metrics(
+    model: torch.nn.Module,
+    sets: dict[str, dict[str, dict[str, Any]]],
+    limit: int | None = None,
+    tile: int | None = None,
+) -> dict[str, float]:
+    """PSNR and SSIM per task and their means per suite, on built test splits
+    (``{suite: {task: {folder, crop_border}}}``): the scores a run follows during training."""
+    metrics: dict[str, float] = {}
+    for suite, tasks in sets.items():
+        scores = [
+            score_task(model, Path(s["folder"]), task, limit, tile, s["crop_border"])
+            for task, s in tasks.items()
+        ]
+        for score in scores:
+            metrics[f"{suite}/{score.task}/psnr"] = score.psnr
+            metrics[f"{suite}/{score.task}/ssim"] = score.ssim
+        metrics[f"{suite}/average_psnr"] = float(np.mean([s.psnr for s in scores]))
+        metrics[f"{suite}/average_ssim"] = float(np.mean([s.ssim for s in scores]))
+    return metrics

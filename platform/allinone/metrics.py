@@ -156,11 +156,21 @@ def _axis_plan(length: int, tile: int, overlap: int) -> list[tuple[int, Tensor]]
     ]
 
 
+# 32 px hides the seams of the models we have; a smaller tile gets half its size, so every
+# tile size a user may pass has a valid default.
+DEFAULT_OVERLAP = 32
+
+
+def default_overlap(tile: int) -> int:
+    """The overlap of ``tile``-sized tiles when none is given: always smaller than the tile."""
+    return min(DEFAULT_OVERLAP, tile // 2)
+
+
 def restore_tiled(
     model: Callable[..., Tensor],
     image: Tensor,
     tile: int | None,
-    overlap: int = 32,
+    overlap: int | None = None,
     task_id: Tensor | None = None,
 ) -> Tensor:
     """Restore an (N, 3, H, W) batch, in overlapping ``tile`` x ``tile`` windows if it is larger.
@@ -168,12 +178,13 @@ def restore_tiled(
     The model is called as ``model(x)`` or, given a task id, ``model(x, task_id)``. Runs under
     ``torch.no_grad``: keeping every tile's graph would defeat the point of tiling. For a model
     whose receptive field reaches at most ``overlap // 4`` pixels, the tiled result equals the
-    whole-image result up to float rounding.
+    whole-image result up to float rounding. ``overlap`` defaults to :func:`default_overlap`.
     """
     height, width = image.shape[-2:]
     with torch.no_grad():
         if tile is None or (height <= tile and width <= tile):
             return _call(model, image, task_id)
+        overlap = default_overlap(tile) if overlap is None else overlap
         if not 0 <= overlap < tile:
             raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
         return _blend_tiles(model, image, tile, overlap, task_id)

@@ -47,10 +47,11 @@ def log_and_register(
     name: str,
     metrics: dict[str, float],
     suite: str,
+    score: float | None,
     config: PipelineConfig | None = None,
 ) -> dict[str, Any]:
     """Log ``model`` in the active run with its metrics, config, signature and requirements,
-    register a version under ``name``, and give it the alias it earned."""
+    register a version under ``name``, and give it the alias its ``score`` on ``suite`` earned."""
     import mlflow
 
     package = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ def log_and_register(
     if metrics:
         mlflow.log_metrics(metrics, model_id=info.model_id)
     version = str(info.registered_model_version)
-    return assign_alias(name, version, metrics.get(OBJECTIVE), suite)
+    return assign_alias(name, version, score, suite)
 
 
 def _input_example():
@@ -145,10 +146,11 @@ def register_weights(
 ):
     if weights is None:
         return None
-    suite = "all-in-one:" + ",".join(pipeline.config.tasks)
-    result = log_and_register(
-        load_weights(pipeline, weights), name, summary["final"], suite, pipeline.config
-    )
+    averages = {f"eval/{k}/average_psnr": v for k, v in summary.get("eval", {}).items()}
+    metrics = {**summary["final"], **averages}
+    suite, score = ranking(pipeline.config, metrics)
+    model = load_weights(pipeline, weights)
+    result = log_and_register(model, name, metrics, suite, score, pipeline.config)
     say(
         f"registered {result['name']} v{result['version']} as @{result['alias']} "
         f"({result['reason']})"
@@ -177,10 +179,40 @@ def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME
     if run.info.status != "FINISHED":
         raise ResolveError(f"run {run_id} is {run.info.status}, not FINISHED: nothing to register")
     resolved = resolve_model(run_id, tracking_uri)
-    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("final/")}
-    suite = "all-in-one:" + ",".join(resolved.task_names)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("final/", "eval/"))}
+    if resolved.pipeline is None:
+        suite, score = "all-in-one:" + ",".join(resolved.task_names), metrics.get(OBJECTIVE)
+    else:
+        suite, score = ranking(resolved.pipeline, metrics)
     if resolved.source.startswith("models:/"):  # logged earlier: register that very model
         version = mlflow.register_model(resolved.source, name).version
-        return assign_alias(name, str(version), metrics.get(OBJECTIVE), suite)
+        return assign_alias(name, str(version), score, suite)
     with mlflow.start_run(run_id=run_id):
-        return log_and_register(resolved.module, name, metrics, suite, resolved.pipeline)
+        return log_and_register(resolved.module, name, metrics, suite, score, resolved.pipeline)
+
+
+BENCHMARK_OBJECTIVE = "eval/all-in-one/average_psnr"
+
+
+def ranking(config: PipelineConfig, metrics: dict[str, float]) -> tuple[str, float | None]:
+    """The suite a run's model is ranked on, and its score there.
+
+    The all-in-one suite on the standard test sets when the pipeline evaluated on them
+    (``eval.data``), else the average over the tasks' test splits after the last stage. Two
+    models compare only on the same suite: its name carries the tasks and a fingerprint of what
+    decides the scores (test data, images per set, degradation seed)."""
+    import hashlib
+    import json
+
+    on_benchmarks = bool(config.eval.data) and BENCHMARK_OBJECTIVE in metrics
+    setup = {
+        "data": config.eval.data
+        if on_benchmarks
+        else [config.data.test_source, config.data.test_sources],
+        "max_images": config.eval.max_images,
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
+    kind = "benchmarks" if on_benchmarks else "test-splits"
+    suite = f"all-in-one:{','.join(config.tasks)}:{kind}-{digest}"
+    return suite, metrics.get(BENCHMARK_OBJECTIVE if on_benchmarks else OBJECTIVE)

@@ -143,9 +143,20 @@ def _client(tracking_uri: str | None):
     import mlflow
     from mlflow import MlflowClient
 
+    _check_store_exists(tracking_uri or mlflow.get_tracking_uri())
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # load_model and artifact downloads use it too
     return MlflowClient(tracking_uri)
+
+
+def _check_store_exists(uri: str) -> None:
+    """Refuse a SQLite store that is not there: MLflow would create an empty database (a stray
+    file, and a confusing "not found" after it) where the user mistyped a path."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if path and path != ":memory:" and not Path(path).is_file():
+        raise ResolveError(f"tracking store {path} does not exist (from {uri}); nothing created")
 
 
 def _from_uri(uri: str, tracking_uri: str | None) -> ResolvedModel:

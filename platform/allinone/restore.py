@@ -125,10 +125,8 @@ def _restore_file(
 ) -> np.ndarray:
     loaded = read_image(src)
     task_id = task_id.to(device) if task_id is not None else None
-    # Overlap within the tile whatever --tile is; 32 px hides the seams of the models we have.
-    overlap = min(32, tile // 2) if tile else 32
     batch = to_tensor(loaded.pixels).to(device)
-    restored = to_image(restore_tiled(model, batch, tile, overlap, task_id))
+    restored = to_image(restore_tiled(model, batch, tile, task_id=task_id))
     if "grey->rgb" in loaded.conversions or "grey-alpha->rgb" in loaded.conversions:
         return restored.mean(axis=2)  # grey in, grey out
     return restored

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from allinone import tracking
 from allinone.config import Pipeline
 from allinone.curriculum import (
+    RunOptions,
     RunState,
     Stage,
     fit_stage,
@@ -36,27 +36,16 @@ class ClusterError(RuntimeError):
     """A Ray address that does not answer."""
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    workdir: Path
-    tracking_uri: str | None = None
-    address: str | None = None
-    resume: bool = False
-    register: bool = True
-    fault: dict[str, Any] | None = None  # test hook: kill a worker once at a step
-
-
 def start_ray(address: str | None) -> None:
     """Join the given cluster, the job's cluster (RAY_ADDRESS), or start a local one."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # a study's trial, or a caller that started Ray itself
+        quiet_ray_data()
         return
     for name, value in WORKER_ENV.items():  # Ray Train hands these on to its controller and workers
         os.environ.setdefault(name, value)
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target and target != "auto":
-        check_reachable(target)
+    check_ray_address(address)
     try:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, log_to_driver=True)
@@ -79,6 +68,13 @@ def start_ray(address: str | None) -> None:
             f"does not answer: {str(err).splitlines()[0]}"
         ) from None
     quiet_ray_data()
+
+
+def check_ray_address(address: str | None) -> None:
+    """The cluster a run will join (``--address``, else $RAY_ADDRESS) answers, if there is one."""
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target != "auto":
+        check_reachable(target)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -109,22 +105,28 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
     """Run a whole curriculum; returns the task x stage PSNR matrix and the final scores."""
     import mlflow
 
+    check_eval_data(pipeline)  # what can be checked before anything is written, is
+    check_pretrained(pipeline)
+    check_ray_address(options.address)
     workdir = options.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
     experiment = tracking.connect(uri, pipeline.config.name)
     state = RunState.open(workdir, pipeline, options.resume)
-    check_eval_data(pipeline)
     start_ray(options.address)
-    prepare_shards(pipeline, workdir, on_build=say)
+    if options.shards is None:
+        prepare_shards(pipeline, options.shard_root, on_build=say)
 
     matrix: dict[str, dict[str, float]] = {}
-    with tracking.run(state.parent_run_id, experiment, pipeline.config.name) as parent_id:
+    with tracking.run(
+        state.parent_run_id, experiment, pipeline.config.name, parent_id=options.parent_run_id
+    ) as parent_id:
         if state.parent_run_id is None:
             state.parent_run_id = parent_id
             state.save(workdir)
             _log_config(pipeline)
-        weights = None
+            mlflow.set_tags(options.tags)
+        weights = pipeline.pretrained  # the first stage's start: our own checkpoint, or none
         for stage in plan_stages(pipeline):
             if stage.name in state.finished:
                 say(f"{stage.name}: finished earlier, skipped")
@@ -132,14 +134,14 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
                 matrix[stage.name] = state.finished[stage.name]["psnr"]
                 continue
             weights, scores = _run_stage(
-                pipeline, workdir, stage, state, weights, uri, experiment, options, say
+                pipeline, options, stage, state, weights, uri, experiment, say
             )
             matrix[stage.name] = scores
-        summary = _summarise(pipeline, matrix)
+        summary = _summarise(pipeline, matrix) | {"run_id": parent_id, "weights": str(weights)}
         mlflow.log_metrics(summary["final"])
         summary["continual"] = _log_continual(pipeline, matrix)
         tracking.log_json(summary, "results/summary.json")
-        summary["eval"] = _evaluate_run_end(pipeline, workdir, weights, say)
+        summary["eval"] = _evaluate_run_end(pipeline, options.shard_root, weights, say)
         if options.register:
             from allinone.registry import register_weights
 
@@ -147,19 +149,33 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
     return summary
 
 
+def check_pretrained(pipeline: Pipeline) -> None:
+    """Before any training: ``model.pretrained`` must fit the configured architecture."""
+    from allinone.config import ConfigError
+    from allinone.models.weights import load_state_file
+    from allinone.registry import build_from_pipeline
+
+    if pipeline.pretrained is None:
+        return
+    try:
+        load_state_file(build_from_pipeline(pipeline), pipeline.pretrained, "model.pretrained")
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(pipeline.path, "model.pretrained", str(err)) from None
+
+
 def _run_stage(
     pipeline: Pipeline,
-    workdir: Path,
+    options: RunOptions,
     stage: Stage,
     state: RunState,
     weights: Path | None,
     uri: str,
     experiment: str,
-    options: RunOptions,
     say,
 ):
     import mlflow
 
+    workdir = options.workdir.resolve()
     say(f"{stage.name}: training {', '.join(stage.tasks)} for {stage.steps} steps")
     with tracking.run(
         state.stage_runs.get(stage.name), experiment, stage.name, nested=True
@@ -174,9 +190,11 @@ def _run_stage(
                     "stage.steps": stage.steps,
                 }
             )
-        result = fit_stage(pipeline, workdir, stage, state, weights, uri, run_id, options.fault)
+        result = fit_stage(pipeline, options, stage, state, weights, uri, run_id)
         write_model_card(result.weights, pipeline.config, stage.name)  # a bare model.pt loads
-        scores = _score_stage(pipeline, workdir, result.weights, [run_id, state.parent_run_id])
+        scores = _score_stage(
+            pipeline, options.shard_root, result.weights, [run_id, state.parent_run_id]
+        )
         mlflow.log_metrics(
             {k: v for s in scores.values() for k, v in s.as_metrics(f"test/{s.task}").items()}
         )
@@ -188,7 +206,7 @@ def _run_stage(
     return result.weights, psnr
 
 
-def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path, grid_runs: list[str]):
+def _score_stage(pipeline: Pipeline, shards: Path, weights: Path, grid_runs: list[str]):
     """Every trained task's test split; each task's grid goes to the stage run and the parent
     run (where the last stage's grids stay, for the run's report)."""
     from allinone.evaluate import score_task_with_sample
@@ -199,9 +217,14 @@ def _score_stage(pipeline: Pipeline, workdir: Path, weights: Path, grid_runs: li
     settings = pipeline.config.eval
     scores = {}
     for task in pipeline.config.tasks:
-        folder = shard_folder(workdir, task, "test")
+        folder = shard_folder(shards, task, "test")
         scores[task], sample = score_task_with_sample(
-            model, folder, task, settings.max_images, settings.tile
+            model,
+            folder,
+            task,
+            settings.max_images,
+            settings.tile,
+            pipeline.tasks[task].crop_border,
         )
         for run_id in grid_runs if settings.grids else []:
             log_grid(sample, task, f"{task}: test split", run_id=run_id)
@@ -215,11 +238,11 @@ def _log_continual(pipeline: Pipeline, matrix: dict[str, dict[str, float]]) -> d
     return log_continual(matrix, stages, pipeline.config.tasks)
 
 
-def _evaluate_run_end(pipeline: Pipeline, workdir: Path, weights: Path | None, say):
+def _evaluate_run_end(pipeline: Pipeline, shards: Path, weights: Path | None, say):
     """The pipeline's ``eval.suites`` on the final weights; their average PSNRs, if any ran."""
     from allinone.suites import evaluate_run_end
 
-    results = evaluate_run_end(pipeline, workdir, weights, say)
+    results = evaluate_run_end(pipeline, shards, weights, say)
     return results.averages() if results else {}
 
 

@@ -100,7 +100,8 @@ def _sample_key(task: str, stem: str, level: int, variant: int, n_levels: int) -
 def fingerprint(request: BuildRequest, specs: list[SampleSpec]) -> str:
     """What the shards' content depends on; a resumed build must match it exactly."""
     payload = {
-        "task": request.task.model_dump(mode="json"),
+        # crop_border only changes how test pairs are scored, not what the shards hold
+        "task": request.task.model_dump(mode="json", exclude={"crop_border"}),
         "split": request.split,
         "seed": request.seed,
         "samples_per_shard": request.samples_per_shard,
@@ -121,14 +122,14 @@ def make_sample(request: BuildRequest, spec: SampleSpec, cache: _ImageCache) -> 
         lq_image = cache.get(spec.item.lq or "")
         gt, lq, note = _align_pair(gt_image.pixels, lq_image.pixels, spec.item)
         conversions += [f"lq:{c}" for c in lq_image.conversions] + ([note] if note else [])
+        conversions += _crop_note(gt.shape[:2], split.crop)
         gt, lq = _random_crop((gt, lq), split.crop, rng)
         params: Any = dict(spec.item.info)
     else:
+        conversions += _crop_note(gt_image.pixels.shape[:2], split.crop)
         (gt,) = _random_crop((gt_image.pixels,), split.crop, rng)
         chain = [_with_level(step.as_chain_item(), spec.level) for step in task.degrade]
         lq, params = degradations.apply_chain(gt, chain, rng)
-    if split.crop and min(gt.shape[:2]) < split.crop:
-        conversions.append(f"smaller than crop {split.crop}: kept whole")
     meta = {
         "task": task.name,
         "split": request.split,
@@ -168,6 +169,17 @@ def _align_pair(
 def _centre(image: np.ndarray, h: int, w: int) -> np.ndarray:
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
     return image[top : top + h, left : left + w]
+
+
+def _crop_note(shape: tuple[int, ...], crop: int | None) -> list[str]:
+    """What ``_random_crop`` does to an image with a side below the crop, in its words."""
+    h, w = shape[:2]
+    if crop is None or min(h, w) >= crop:
+        return []
+    if max(h, w) <= crop:
+        return [f"{w}x{h} smaller than crop {crop}: kept whole"]
+    short, long = ("height", "width") if h < crop else ("width", "height")
+    return [f"{w}x{h}: {short} smaller than crop {crop}, kept whole; {long} cropped to {crop}"]
 
 
 def _random_crop(images: tuple[np.ndarray, ...], size: int | None, rng) -> tuple[np.ndarray, ...]:
@@ -299,6 +311,7 @@ def build_shards(
     manifest = _start_manifest(request, specs, refused, len(chunks))
     todo = [i for i in range(len(chunks)) if not _shard_is_done(request, manifest, i)]
     _remove_stale_shards(request, len(chunks))
+    _remove_temp_files(request)
     for result in _run_shards(request, chunks, todo, workers):
         _record(manifest, result)
         _write_manifest(request.out, manifest)
@@ -395,6 +408,19 @@ def _remove_stale_shards(request: BuildRequest, n_shards: int) -> None:
             path.unlink()
 
 
+def _temp_files(out: Path, prefix: str = "") -> list[Path]:
+    """Temporary files (shards and manifests being written) that a killed build left behind."""
+    return sorted(out.glob(f".{prefix}*.part"))
+
+
+def _remove_temp_files(request: BuildRequest) -> None:
+    # A build killed hard (SIGKILL, OOM) never reaches write_shard's cleanup; one folder holds
+    # one task split, so no other build is writing these.
+    for prefix in (f"{request.task.name}-{request.split}-", "manifest."):
+        for path in _temp_files(request.out, prefix):
+            path.unlink(missing_ok=True)
+
+
 def _record(manifest: dict[str, Any], result: ShardResult) -> None:
     index = int(Path(result.name).stem.rsplit("-", 1)[-1])
     manifest["shards"][index] = {
@@ -402,7 +428,9 @@ def _record(manifest: dict[str, Any], result: ShardResult) -> None:
         "count": result.count,
         "sha256": result.sha256,
     }
-    manifest["skipped"] += [asdict(r) for r in result.refused]
+    # A refused file appears once, however many of its samples or rebuilt shards refused it.
+    skipped = manifest["skipped"] + [asdict(r) for r in result.refused]
+    manifest["skipped"] = list({r["file"]: r for r in skipped}.values())
     manifest["conversions"].update(result.conversions)
 
 
@@ -460,6 +488,8 @@ def verify_shards(folder: Path) -> VerifyReport:
         manifest = json.loads(path.read_text())
         if not manifest.get("complete"):
             report.problems.append(f"{path}: build is incomplete")
+        for temp in _temp_files(path.parent):
+            report.problems.append(f"{temp}: temporary file left by an interrupted build")
         for record in filter(None, manifest["shards"]):
             report.shards += 1
             report.samples += _verify_shard(path.parent / record["name"], record, report.problems)

@@ -6,8 +6,8 @@ image in the object store before the crop; measured on 2 cores it streams at abo
 (DESIGN.md; ``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays travel.
 
 A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
-read as often as its weight asks: starting a Ray Data pass costs about a second, an epoch loop
-would pay it again and again.
+given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
+loop would pay it again and again.
 """
 
 from __future__ import annotations
@@ -66,30 +66,58 @@ def task_shards(folder: Path, task: str, task_id: int, split: str = "train") -> 
 
 
 def plan_reads(plan: StreamPlan) -> list[dict[str, Any]]:
-    """Shard reads covering the budget, each task in proportion to its weight, shuffled."""
+    """Shard reads covering the budget (with ``SAFETY_MARGIN``), each task given its weight's
+    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, seed}``: it yields
+    ``limit`` of its shard's ``samples``."""
     total_weight = sum(plan.weights.get(t.name, 1.0) for t in plan.tasks)
     rng = np.random.default_rng(plan.seed)
     reads = []
     for task in plan.tasks:
         share = plan.weights.get(task.name, 1.0) / total_weight
-        wanted = math.ceil(plan.samples * share * SAFETY_MARGIN)
-        passes = max(1, math.ceil(wanted / max(task.samples, 1)))
-        for _ in range(passes):
-            reads += [{"url": url, "task_id": task.task_id} for url in task.urls]
+        reads += _task_reads(task, math.ceil(plan.samples * share * SAFETY_MARGIN), rng)
     order = rng.permutation(len(reads))
     return [{**reads[i], "seed": int(plan.seed * 1_000_003 + n)} for n, i in enumerate(order)]
 
 
+def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Reads of one task holding exactly ``wanted`` samples, the last one cut to what is still
+    wanted: planning in whole shards with a full pass per task turned a 9:1 mix at a small budget
+    into 2:1. Each pass takes the shards in a fresh seeded order, so a share below one pass draws
+    on any shard, not always the first ones."""
+    reads = []
+    while wanted > 0 and task.samples:
+        for i in rng.permutation(len(task.urls)):
+            count = task.counts[i]
+            take = min(wanted, count)
+            reads.append(
+                {"url": task.urls[i], "task_id": task.task_id, "samples": count, "limit": take}
+            )
+            wanted -= take
+            if not wanted:
+                break
+    return reads
+
+
 def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
-    """One shard read: every sample decoded, randomly cropped and flipped, as uint8 HxWx3."""
+    """One shard read: ``limit`` of its samples (a seeded random subset) decoded, randomly
+    cropped and flipped, as uint8 HxWx3."""
     rng = np.random.default_rng(read["seed"])
+    keep = _kept_indices(read["samples"], read["limit"], rng)
     rows = []
-    for key, members in iter_tar_samples(Path(read["url"])):
+    for index, (key, members) in enumerate(iter_tar_samples(Path(read["url"]))):
+        if index not in keep:
+            continue
         lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")
         gt = decode_rgb8(members["gt.png"], f"{read['url']}:{key}")
         lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng)
         rows.append({"lq": lq, "gt": gt, "task_id": read["task_id"]})
     return rows
+
+
+def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int]:
+    if limit >= samples:
+        return set(range(samples))
+    return {int(i) for i in rng.choice(samples, size=limit, replace=False)}
 
 
 def decode_rgb8(data: bytes, name: str) -> np.ndarray:

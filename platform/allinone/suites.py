@@ -213,7 +213,8 @@ def _score_suite(plan: EvalPlan, suite: str, tasks: list[str]) -> Results:
 def _score(
     suite: str, test_set: EvalSet, method: str, restore: Restorer, pairs: list[Pair], **extra
 ) -> tuple[Row, Sample]:
-    quality, sample = score_pairs(restore, pairs, origin=f"{test_set.task}/{test_set.name}")
+    origin = f"{test_set.task}/{test_set.name}"
+    quality, sample = score_pairs(restore, pairs, test_set.crop_border, origin)
     return Row(suite, test_set.task, test_set.name, method, **vars(quality), **extra), sample
 
 
@@ -435,7 +436,7 @@ def check_eval_data(pipeline) -> None:
         discover(Path(source))
 
 
-def evaluate_run_end(pipeline, workdir: Path, weights: Path | None, say=print) -> Results | None:
+def evaluate_run_end(pipeline, shards: Path, weights: Path | None, say=print) -> Results | None:
     """The pipeline's configured suites on its final weights, logged to the active run.
 
     Stage ends already scored every trained task's synthetic split, so all-in-one runs again
@@ -464,7 +465,7 @@ def evaluate_run_end(pipeline, workdir: Path, weights: Path | None, say=print) -
         tile=settings.tile,
         baselines=settings.baselines,
         few_shot=settings.few_shot,
-        shards=lambda task: _built(shard_folder(workdir, task, "test")),
+        shards=lambda task: _built(shard_folder(shards, task, "test")),
         say=say,
     )
     results = run_suites(plan, suites)

@@ -210,6 +210,7 @@ class EvalSet:
     name: str  # e.g. CBSD68-sigma15, Rain100L, synthetic-quality40
     origin: str  # "benchmark" or "synthetic"
     load: Callable[[int | None], Iterator[Pair]]
+    crop_border: int = 0  # pixels ignored at each border when scoring (the task's protocol)
 
     def pairs(self, limit: int | None = None) -> Iterator[Pair]:
         return self.load(limit)
@@ -237,7 +238,8 @@ def benchmark_sets(found: FoundSet, task: str, config: TaskConfig, seed: int) ->
     items = _paired_items(found)
     request = _paired_request(task, found.root, seed)
     specs = [SampleSpec(f"{task}_{item.stem}_v000", item, 0) for item in items]
-    return [EvalSet(task, standard.name, "benchmark", _loader(request, specs))]
+    loader = _loader(request, specs)
+    return [EvalSet(task, standard.name, "benchmark", loader, config.crop_border)]
 
 
 def _clean_set(found, task, config, level, name, seed) -> EvalSet:
@@ -246,7 +248,7 @@ def _clean_set(found, task, config, level, name, seed) -> EvalSet:
     degraded = validate(TaskConfig, data, f"{found.standard.name} ({task})")
     request = BuildRequest(degraded, "test", str(found.root), Path(), seed=seed)
     specs, _ = plan_samples(request)
-    return EvalSet(task, name, "benchmark", _loader(request, specs))
+    return EvalSet(task, name, "benchmark", _loader(request, specs), config.crop_border)
 
 
 def _paired_request(task: str, root: Path, seed: int) -> BuildRequest:
@@ -306,6 +308,7 @@ def synthetic_sets(
                 _named("synthetic", level),
                 "synthetic",
                 _shard_loader(shards, task, i if len(levels) > 1 else None),
+                config.crop_border,
             )
             for i, level in enumerate(levels)
         ]
@@ -325,6 +328,7 @@ def synthetic_sets(
             _named("synthetic", level),
             "synthetic",
             _loader(request, [s for s in specs if s.level == level]),
+            config.crop_border,
         )
         for level in levels
     ]

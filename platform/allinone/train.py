@@ -45,7 +45,8 @@ class StageJob:
     status_dir: str | None = None  # where a worker leaves a verdict the driver must read
     step_offset: int = 0  # curriculum steps before this stage: x axis of the val/ curves
     curve_run_id: str | None = None  # the curriculum's MLflow run, where val/ curves go too
-    eval_sets: dict[str, dict[str, str]] = field(default_factory=dict)  # suite: {task: folder}
+    # {suite: {task: {folder, crop_border}}}: the test splits scored every train.eval_every steps
+    eval_sets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     eval_images: int | None = None  # per task
     eval_tile: int | None = None
     hold_final_scores: bool = False  # the final report leaves out the curriculum clock
@@ -72,7 +73,8 @@ def deepspeed_config(train: TrainSection, batch_size: int, world_size: int) -> d
         config["fp16"] = {"enabled": True, "initial_scale_power": 12}
     if train.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        config["optimizer"] = {"type": "AdamW", "params": _adam_params(train)}
+        kind = {"adamw": "AdamW", "adam": "Adam"}[train.optimizer]
+        config["optimizer"] = {"type": kind, "params": _adam_params(train)}
     return config
 
 
@@ -173,16 +175,22 @@ def _build_model(job: StageJob, with_init: bool = True):
         **job.model.get("overrides", {}),
     )
     if job.init_weights and with_init:
-        state = torch.load(job.init_weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        from allinone.models.weights import load_state_file
+
+        load_state_file(model, job.init_weights, "the stage's initial")
     return model
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
 def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
     config = deepspeed_config(train, job.batch_size, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
-        None if train.offload_optimizer else torch.optim.AdamW(trainable, **_adam_params(train))
+        None
+        if train.offload_optimizer  # DeepSpeed's own CPU optimizer, from the config
+        else OPTIMIZERS[train.optimizer](trainable, **_adam_params(train))
     )
     factor = cosine_with_warmup(train, job.steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -209,9 +217,15 @@ def _loss(engine, lq, gt, task_id, train: TrainSection):
 
     out = engine(lq, task_id, with_aux=True)
     out.image = out.image.float()
-    loss, parts = total_loss(out, gt.float(), task_id, train.pixel_loss, train.aux_weights)
+    weights = aux_weights(engine.module, train.aux_weights)
+    loss, parts = total_loss(out, gt.float(), task_id, train.pixel_loss, weights)
     parts["total"] = float(loss.detach())
     return loss, parts
+
+
+def aux_weights(model: torch.nn.Module, configured: dict[str, float]) -> dict[str, float]:
+    """The model's own weights for its auxiliary terms, overridden by the pipeline's."""
+    return {**getattr(model, "default_aux_weights", {}), **configured}
 
 
 # --------------------------------------------------------------------------- reports

@@ -368,18 +368,20 @@ def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResu
     import mlflow
     import ray
 
-    from allinone.run import start_ray
+    from allinone.run import check_pretrained, check_ray_address, start_ray
     from allinone.suites import check_eval_data
 
     study = pipeline.config.tune
     if study is None:
         raise StudyError(f"{pipeline.path}: no tune: block, so nothing to search")
+    check_eval_data(pipeline)  # what can be checked before anything is written, is
+    check_pretrained(pipeline)
+    check_ray_address(options.address)
     workdir = options.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
     experiment = tracking.connect(uri, pipeline.config.name)
     state = StudyState.open(workdir, pipeline, options.resume)
-    check_eval_data(pipeline)
     start_ray(options.address)
     shards = workdir / "shards"
     prepare_shards(pipeline, shards, on_build=say)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch.overrides import TorchFunctionMode
+
 # Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
-from allinone.models import clip_prompt, mioir, perceiver, pip, promptir  # noqa: E402,F401,I001  # noqa: E402,F401,I001
+from allinone.models import clip_prompt, mioir, perceiver, pip, promptir  # noqa: E402,F401,I001
 from allinone.models.base import (
     DEFAULT_TASKS,
     MODELS,
@@ -28,6 +31,7 @@ __all__ = [
     "build",
     "count_parameters",
     "get_entry",
+    "parameter_counts",
     "task_ids",
 ]
 
@@ -46,3 +50,24 @@ def build(name: str, preset: str = "tiny", **overrides: Any) -> RestorationModel
             f"model {name!r} has no preset {preset!r} (presets: {', '.join(entry.presets)})"
         )
     return entry.builder(**{**entry.presets[preset], **overrides})
+
+
+def parameter_counts(name: str, preset: str) -> tuple[int, int]:
+    """(all, trainable) parameters of a preset, counted without allocating its weights: built
+    for real, the paper presets (one of 1B parameters) take 30 s and 5 GB."""
+    try:
+        with torch.device("meta"), _StayOnMeta():
+            model = build(name, preset)
+    except (NotImplementedError, RuntimeError):  # a builder that needs real data at build time
+        model = build(name, preset)
+    return count_parameters(model), count_parameters(model, trainable_only=True)
+
+
+class _StayOnMeta(TorchFunctionMode):
+    """Keeps a meta tensor on meta when a builder moves it (open_clip moves CLIP to the CPU),
+    which would otherwise need the data a meta tensor does not have."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))

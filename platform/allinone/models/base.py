@@ -39,6 +39,9 @@ class RestorationModel(nn.Module):
     """
 
     size_multiple: int = 1
+    # Weights of this model's auxiliary terms when a pipeline names none (train.aux_weights
+    # overrides them); a term not listed here weighs 1.
+    default_aux_weights: dict[str, float] = {}
 
     def __init__(self, task_names: tuple[str, ...] = DEFAULT_TASKS) -> None:
         super().__init__()

@@ -169,6 +169,28 @@ class NAFBlock(nn.Module):
         return x + self.gamma * self.ffn(self.norm2(x))
 
 
+class ResBlock(nn.Module):
+    """SRResNet's block without batch norm (as EDSR): conv, ReLU, conv, plus the input.
+
+    Dense 3x3 convolutions are what a CPU computes fastest per useful operation (no depthwise
+    convs, no per-pixel norms), which makes this the backbone that learns most per CPU minute.
+    The second conv starts at zero, so a stack starts as the identity and opens as it learns."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(channels, channels, 3, padding=1)
+        self.project = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.project(F.relu(self.expand(x)))
+
+
+def resnet_blocks() -> BlockFactory:
+    return lambda channels, level: ResBlock(channels)
+
+
 def restormer_blocks(heads: Sequence[int], ffn_expansion_factor: float) -> BlockFactory:
     if len(heads) != 4:
         raise ValueError(f"heads needs one count per level (4), got {list(heads)}")
@@ -231,13 +253,20 @@ class Stage(nn.Module):
 class UNet(nn.Module):
     """Restormer's 4-level U-Net, predicting a residual to add to the input.
 
-    Channels are dim, 2dim, 4dim, 8dim from full resolution down to the latent (1/8). Skips are
-    concatenated; the full-resolution decoder and the refinement keep the concatenated 2dim
-    channels, as in Restormer, because that is where the fine detail is rebuilt. Inputs must be a
-    multiple of 8 in height and width.
+    Channels are dim, 2dim, 4dim, 8dim from the top level down to the latent (1/8 of the top).
+    Skips are concatenated; the top decoder and the refinement keep the concatenated 2dim channels,
+    as in Restormer, because that is where the fine detail is rebuilt.
+
+    ``stem`` > 1 folds each stem x stem patch into channels first (pixel unshuffle, as FFDNet does)
+    so every level runs at 1/stem of the resolution: stem 2 costs about a quarter per pixel. Inputs
+    must be a multiple of 8 x stem in height and width (:func:`UNet.multiple`).
     """
 
     size_multiple = 8
+
+    @staticmethod
+    def multiple(stem: int = 1) -> int:
+        return UNet.size_multiple * stem
 
     def __init__(
         self,
@@ -246,17 +275,20 @@ class UNet(nn.Module):
         num_refinement_blocks: int,
         make_block: BlockFactory,
         prompt_dim: int = 0,
+        stem: int = 1,
     ) -> None:
         super().__init__()
         if len(num_blocks) != 4:
             raise ValueError(f"num_blocks needs one count per level (4), got {list(num_blocks)}")
-        self.dim = dim
+        if stem < 1:
+            raise ValueError(f"stem must be 1 (none) or a folding factor >= 2, got {stem}")
+        self.dim, self.stem = dim, stem
 
         def stage(channels: int, level: int, count: int) -> Stage:
             return Stage([make_block(channels, level) for _ in range(count)], channels, prompt_dim)
 
         widths = [dim * 2**level for level in range(4)]
-        self.embed = conv3x3(3, dim)
+        self.embed = conv3x3(3 * stem * stem, dim)
         self.encoders = nn.ModuleList(stage(widths[i], i, num_blocks[i]) for i in range(3))
         self.downs = nn.ModuleList(Downsample(widths[i]) for i in range(3))
         self.latent = stage(widths[3], 3, num_blocks[3])
@@ -270,7 +302,7 @@ class UNet(nn.Module):
             for channels, level in ((widths[2], 2), (widths[1], 1), (widths[1], 0))
         )
         self.refinement = stage(widths[1], 0, num_refinement_blocks)
-        self.output = conv3x3(widths[1], 3)
+        self.output = conv3x3(widths[1], 3 * stem * stem)
 
     def decoder_channels(self, level: int) -> int:
         """Channels of the decoder feature that is upsampled into ``level`` (1..3)."""
@@ -279,7 +311,7 @@ class UNet(nn.Module):
     def encode(self, x: Tensor, prompt: Tensor | None = None) -> list[Tensor]:
         """Features of levels 1..4 (full, 1/2, 1/4 resolution, then the 1/8 latent)."""
         features = []
-        h = self.embed(x)
+        h = self.embed(F.pixel_unshuffle(x, self.stem) if self.stem > 1 else x)
         for encoder, down in zip(self.encoders, self.downs, strict=True):
             h = encoder(h, prompt)
             features.append(h)
@@ -302,7 +334,8 @@ class UNet(nn.Module):
             if before_up is not None:
                 h = before_up(level, h)
             h = decoder(fuse(torch.cat([up(h), features[level - 1]], dim=1)), prompt)
-        return self.output(self.refinement(h, prompt))
+        residual = self.output(self.refinement(h, prompt))
+        return F.pixel_shuffle(residual, self.stem) if self.stem > 1 else residual
 
     def forward(self, x: Tensor, prompt: Tensor | None = None) -> Tensor:
         return self.decode(self.encode(x, prompt), prompt)

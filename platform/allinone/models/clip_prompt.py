@@ -214,7 +214,8 @@ class ClipPrompt(RestorationModel):
 
     ``prompt_dims``/``prompt_sizes`` give the prompts of decoder levels 1, 2, 3 (3: the latent).
     ``fusion_weight`` = 1 trusts CLIP alone, 0 the features alone (plain PromptIR weighting).
-    ``pretrained`` is a local open_clip state dict for ``clip_model``; nothing is downloaded.
+    ``pretrained_clip`` is a local open_clip state dict for ``clip_model``; nothing is downloaded
+    (named as the perceiver's, so that a pipeline's ``model.pretrained`` stays our own checkpoint).
     """
 
     size_multiple = UNet.size_multiple
@@ -223,7 +224,7 @@ class ClipPrompt(RestorationModel):
         self,
         task_names: Sequence[str] = DEFAULT_TASKS,
         clip_model: str = TINY_CLIP,
-        pretrained: str | None = None,
+        pretrained_clip: str | None = None,
         prompt_template: str = "a photo with {}",
         temperature: float = 0.07,
         fusion_weight: float = 0.5,
@@ -244,7 +245,7 @@ class ClipPrompt(RestorationModel):
         if not 0.0 <= fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must lie in [0, 1], got {fusion_weight}")
         self.temperature = temperature
-        self._build_clip(clip_model, pretrained, prompt_template)
+        self._build_clip(clip_model, pretrained_clip, prompt_template)
         self.unet = UNet(
             dim, num_blocks, num_refinement_blocks, restormer_blocks(heads, ffn_expansion_factor)
         )

@@ -10,7 +10,9 @@ Both prompts are one vector per image that scales and shifts the output of every
 - Adaptive prompt (AP): a small conv net reads the degraded input and emits the vector itself;
   no task id and no classifier.
 
-The backbone is Restormer's U-Net with Restormer blocks or NAFNet blocks.
+The backbone is Restormer's U-Net with Restormer blocks, NAFNet blocks or SRResNet-style residual
+conv blocks (``resnet``, with a pixel-unshuffle stem in the ``cpu`` preset: the one that learns most
+per CPU minute, measured in benchmarks/quality.py).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from allinone.models.blocks import (
     UNet,
     conv3x3,
     nafnet_blocks,
+    resnet_blocks,
     restormer_blocks,
 )
 
-Backbone = Literal["restormer", "nafnet"]
+Backbone = Literal["restormer", "nafnet", "resnet"]
 
 
 class DegradationEncoder(nn.Module):
@@ -94,7 +97,9 @@ def backbone_blocks(
         return restormer_blocks(heads, ffn_expansion_factor)
     if backbone == "nafnet":
         return nafnet_blocks(ffn_expansion_factor)
-    raise ValueError(f"unknown backbone {backbone!r} (known: restormer, nafnet)")
+    if backbone == "resnet":
+        return resnet_blocks()
+    raise ValueError(f"unknown backbone {backbone!r} (known: restormer, nafnet, resnet)")
 
 
 class MiOIR(RestorationModel):
@@ -112,11 +117,15 @@ class MiOIR(RestorationModel):
         heads: Sequence[int] = (1, 2, 4, 8),
         ffn_expansion_factor: float = 2.66,
         prompt_dim: int = 64,
+        stem: int = 1,
         task_names: Sequence[str] = DEFAULT_TASKS,
     ) -> None:
         super().__init__(tuple(task_names))
         blocks = backbone_blocks(backbone, heads, ffn_expansion_factor)
-        self.unet = UNet(dim, num_blocks, num_refinement_blocks, blocks, prompt_dim=prompt_dim)
+        self.unet = UNet(
+            dim, num_blocks, num_refinement_blocks, blocks, prompt_dim=prompt_dim, stem=stem
+        )
+        self.size_multiple = UNet.multiple(stem)
         self.prompt: ExplicitPrompt | AdaptivePrompt = (
             ExplicitPrompt(self.num_tasks, prompt_dim)
             if prompt == "explicit"
@@ -133,6 +142,16 @@ PRESETS = {
     "tiny": {**_TINY, "backbone": "nafnet"},
     "tiny_restormer": {**_TINY, "backbone": "restormer"},
     "paper": {**RESTORMER_PAPER, "prompt_dim": 64, "backbone": "restormer"},
+    # For CPUs: residual conv blocks, every level at half resolution (pixel-unshuffle stem).
+    "cpu": {
+        **RESTORMER_TINY,
+        "dim": 32,
+        "num_blocks": [2, 2, 2, 2],
+        "num_refinement_blocks": 1,
+        "prompt_dim": 64,
+        "backbone": "resnet",
+        "stem": 2,
+    },
     # NAFNet-width32-like: NAFNet's encoder depths; heads are unused by NAFNet blocks.
     "paper_nafnet": {
         **RESTORMER_PAPER,

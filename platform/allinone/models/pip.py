@@ -109,6 +109,7 @@ class PromptInPrompt(nn.Module):
 )
 class PIP(RestorationModel):
     size_multiple = UNet.size_multiple
+    default_aux_weights = {"orthogonality": 0.002}  # the paper's weight on the regulariser
 
     def __init__(
         self,
