@@ -119,6 +119,15 @@ def test_charbonnier_is_a_smooth_l1() -> None:
     assert float(charbonnier(target, target)) == pytest.approx(1e-3)
 
 
+def test_psnr_loss_is_minus_the_mean_psnr_of_the_images() -> None:
+    from allinone.losses import psnr_loss
+
+    target = torch.zeros(2, 3, 4, 4)
+    pred = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.01)])
+    # MSEs 1e-2 and 1e-4: PSNRs 20 and 40 dB, whatever the images' share of the pixels.
+    assert float(psnr_loss(pred, target)) == pytest.approx(-30.0, abs=1e-3)
+
+
 def test_total_loss_adds_weighted_aux_terms() -> None:
     out = Restoration(
         image=torch.zeros(1, 3, 2, 2),

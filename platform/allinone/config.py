@@ -281,7 +281,7 @@ class TrainSection(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    pixel_loss: Literal["l1", "charbonnier"] = "l1"
+    pixel_loss: Literal["l1", "charbonnier", "psnr"] = "l1"
     aux_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     zero_stage: int = Field(0, ge=0, le=3)
     offload_optimizer: bool = False

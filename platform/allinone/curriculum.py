@@ -22,7 +22,7 @@ from typing import Any
 
 from allinone.config import Pipeline, resolve_source
 from allinone.shards import BuildRequest, build_shards
-from allinone.stream import train_data_config
+from allinone.stream import shuffle_buffer_rows, train_data_config, training_dataset
 from allinone.train import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob, job_dict
 
 STATE = "state.json"
@@ -199,6 +199,8 @@ def fit_stage(
     run_name = f"{config.name}-{stage.name}-{state.attempt}"
     status_dir = workdir / "ray" / run_name
     (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
+    plan = stage_plan(pipeline, options.shard_root, stage)
+    dataset = training_dataset(plan)
     job = StageJob(
         stage=stage.index,
         stage_name=stage.name,
@@ -221,10 +223,10 @@ def fit_stage(
         eval_sets=eval_sets(pipeline, options.shard_root) if train.eval_every else {},
         eval_images=config.eval.max_images,
         eval_tile=config.eval.tile,
+        shuffle_rows=shuffle_buffer_rows(plan, config.data.batch_size),
         hold_final_scores=options.hold_final_scores and _is_last(pipeline, stage),
         **(options.fault or {}),
     )
-    dataset = stage_dataset(pipeline, options.shard_root, stage)
     trainer = TorchTrainer(
         _train_stage_entry,
         train_loop_config=job_dict(job),
@@ -291,19 +293,19 @@ def eval_sets(pipeline: Pipeline, shards: Path) -> dict[str, dict[str, dict[str,
     }
 
 
-def stage_dataset(pipeline: Pipeline, shards: Path, stage: Stage):
-    from allinone.stream import StreamPlan, task_shards, training_dataset
+def stage_plan(pipeline: Pipeline, shards: Path, stage: Stage):
+    """The stage's stream: its tasks' training shards, mixed by weight, for its step budget."""
+    from allinone.stream import StreamPlan, task_shards
 
     config = pipeline.config
     ids = {name: i for i, name in enumerate(config.tasks)}
-    plan = StreamPlan(
+    return StreamPlan(
         tasks=tuple(task_shards(shard_folder(shards, t, "train"), t, ids[t]) for t in stage.tasks),
         weights=dict(config.curriculum.weights),
         crop=config.data.crop,
         samples=stage.steps * config.data.batch_size * config.train.num_workers,
         seed=config.seed + stage.index,
     )
-    return training_dataset(plan)
 
 
 def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResult:

@@ -25,7 +25,17 @@ def charbonnier(pred: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
     return torch.sqrt((pred - target) ** 2 + eps**2).mean()
 
 
-PIXEL_LOSSES = {"l1": l1, "charbonnier": charbonnier}
+def psnr_loss(pred: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
+    """Minus the mean PSNR of the batch's images (HINet's PSNR loss), up to a constant.
+
+    Per image, so every image counts by its relative error: under L1, hazy images (errors of
+    0.1-0.2) outweighed rainy ones (0.01) tenfold and an all-in-one model learned haze first and
+    harmed the rest; in log space a dB is a dB whatever the task (benchmarks/quality.py)."""
+    mse = (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.dim())))
+    return 10 * torch.log10(mse + eps).mean()
+
+
+PIXEL_LOSSES = {"l1": l1, "charbonnier": charbonnier, "psnr": psnr_loss}
 
 
 def focal(logits: Tensor, labels: Tensor, gamma: float = 2.0) -> Tensor:

@@ -470,6 +470,12 @@ def evaluate_run_end(pipeline, shards: Path, weights: Path | None, say=print) ->
     )
     results = run_suites(plan, suites)
     log_results(results, settings.grids)
+    for row in results.rows:
+        if row.method == MODEL:
+            say(
+                f"{row.suite}: {row.task} on {row.set}: {row.psnr:.2f} dB, SSIM {row.ssim:.4f} "
+                f"(input {row.input_psnr:.2f} dB, {row.images} images)"
+            )
     for name, value in results.averages().items():
         say(f"{name}: average PSNR {value:.2f} dB")
     return results

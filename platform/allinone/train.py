@@ -50,6 +50,7 @@ class StageJob:
     eval_images: int | None = None  # per task
     eval_tile: int | None = None
     hold_final_scores: bool = False  # the final report leaves out the curriculum clock
+    shuffle_rows: int = 64  # the worker's local shuffle buffer, rows (stream.shuffle_buffer_rows)
     fail_at_step: int | None = None  # fault-injection for tests: kill this worker once at a step
     fail_marker: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # for tools that wrap train_stage
@@ -118,10 +119,10 @@ def train_stage(config: dict[str, Any]) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
     stream = ray.train.get_dataset_shard("train")
     batches = stream.iter_torch_batches(
-        batch_size=job.batch_size, drop_last=True, local_shuffle_buffer_size=4 * job.batch_size
+        batch_size=job.batch_size, drop_last=True, local_shuffle_buffer_size=job.shuffle_rows
     )
     started = time.perf_counter()
-    for batch in _forever(batches, stream, job.batch_size):
+    for batch in _forever(batches, stream, job.batch_size, job.shuffle_rows):
         if step >= job.steps:
             break
         _maybe_inject_failure(job, step)
@@ -151,11 +152,13 @@ def train_stage(config: dict[str, Any]) -> None:
             _report(engine, ema, job, step, parts, scores, weights if save else None)
 
 
-def _forever(batches, stream, batch_size: int):
+def _forever(batches, stream, batch_size: int, shuffle_rows: int):
     """The planned pass normally covers the budget; should it run dry, start another pass."""
     while True:
         yield from batches
-        batches = stream.iter_torch_batches(batch_size=batch_size, drop_last=True)
+        batches = stream.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_rows
+        )
 
 
 def _set_threads(train: TrainSection, workers_on_node: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,7 +493,7 @@ def _collect(grid, pipeline: Pipeline, workdir: Path) -> StudyResult:
     result = StudyResult(study.metric, study.mode)
     for trial in grid:
         metrics = trial.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(trial.path).name
+        trial_id = metrics.get("trial_id") or _trial_id_of(Path(trial.path).name)
         values = decode(trial.config, study)
         steps = int(metrics.get(CURRICULUM_STEP, 0))
         budget = _curriculum_steps(pipeline, values)
@@ -504,6 +505,12 @@ def _collect(grid, pipeline: Pipeline, workdir: Path) -> StudyResult:
         )
     result.rows.sort(key=lambda row: row.trial)
     return result
+
+
+def _trial_id_of(folder_name: str) -> str:
+    """A trial that never reported: its id from Tune's folder name, ``run_trial_<id>_...``."""
+    found = re.match(rf"{run_trial.__name__}_([0-9a-f]+)_", folder_name)
+    return found.group(1) if found else folder_name
 
 
 def _curriculum_steps(pipeline: Pipeline, values: dict[str, Any]) -> int:

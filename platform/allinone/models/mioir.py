@@ -29,6 +29,7 @@ from allinone.models.blocks import (
     RESTORMER_PAPER,
     RESTORMER_TINY,
     BlockFactory,
+    ResUNet,
     UNet,
     conv3x3,
     nafnet_blocks,
@@ -72,10 +73,14 @@ class ExplicitPrompt(nn.Module):
 
     def forward(self, x: Tensor, task_id: Tensor | None) -> tuple[Tensor, Tensor]:
         logits = self.classifier(x)
-        if task_id is None:
-            weights = logits.softmax(dim=-1)
+        if task_id is None and self.training:
+            weights = logits.softmax(dim=-1)  # soft, so a blind batch's loss reaches the classifier
         else:
-            weights = F.one_hot(task_id, len(self.task_prompts)).to(self.task_prompts.dtype)
+            # The backbone learns under one task's prompt at a time: a blind inference picks the
+            # classifier's task, not a mixture of prompts it never saw (measured: mixtures cost
+            # 3-5 dB on rain and noise against the chosen prompt, benchmarks/quality.py).
+            chosen = logits.argmax(dim=-1) if task_id is None else task_id
+            weights = F.one_hot(chosen, len(self.task_prompts)).to(self.task_prompts.dtype)
         return weights @ self.task_prompts, logits
 
 
@@ -122,10 +127,14 @@ class MiOIR(RestorationModel):
     ) -> None:
         super().__init__(tuple(task_names))
         blocks = backbone_blocks(backbone, heads, ffn_expansion_factor)
-        self.unet = UNet(
-            dim, num_blocks, num_refinement_blocks, blocks, prompt_dim=prompt_dim, stem=stem
-        )
-        self.size_multiple = UNet.multiple(stem)
+        if backbone == "resnet":  # its own CPU-friendly layout; no refinement stage
+            self.unet = ResUNet(dim, num_blocks, blocks, prompt_dim=prompt_dim, stem=stem)
+            self.size_multiple = self.unet.size_multiple
+        else:
+            self.unet = UNet(
+                dim, num_blocks, num_refinement_blocks, blocks, prompt_dim=prompt_dim, stem=stem
+            )
+            self.size_multiple = UNet.multiple(stem)
         self.prompt: ExplicitPrompt | AdaptivePrompt = (
             ExplicitPrompt(self.num_tasks, prompt_dim)
             if prompt == "explicit"
@@ -142,16 +151,9 @@ PRESETS = {
     "tiny": {**_TINY, "backbone": "nafnet"},
     "tiny_restormer": {**_TINY, "backbone": "restormer"},
     "paper": {**RESTORMER_PAPER, "prompt_dim": 64, "backbone": "restormer"},
-    # For CPUs: residual conv blocks, every level at half resolution (pixel-unshuffle stem).
-    "cpu": {
-        **RESTORMER_TINY,
-        "dim": 32,
-        "num_blocks": [2, 2, 2, 2],
-        "num_refinement_blocks": 1,
-        "prompt_dim": 64,
-        "backbone": "resnet",
-        "stem": 2,
-    },
+    # For CPUs: residual conv blocks in a U-Net of constant per-level width, every level at half
+    # resolution (pixel-unshuffle stem): learns most per CPU minute (benchmarks/quality.py).
+    "cpu": {"dim": 32, "num_blocks": [2, 2, 2], "prompt_dim": 64, "backbone": "resnet", "stem": 2},
     # NAFNet-width32-like: NAFNet's encoder depths; heads are unused by NAFNet blocks.
     "paper_nafnet": {
         **RESTORMER_PAPER,

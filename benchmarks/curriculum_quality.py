@@ -1,0 +1,137 @@
+"""MiOIR's claim at CPU scale: cumulative sequential learning against sequential and mixed.
+
+    .venv/bin/python benchmarks/curriculum_quality.py [--pipeline pipelines/cpu-3task.yaml]
+        [--steps 1800] [--images 12]
+
+One pipeline's tasks, model, data and recipe, trained three times at the same total steps:
+``cumulative`` (stage k replays tasks 1..k; MiOIR's sequential learning), ``sequential`` (stage k
+trains task k only) and ``mixed`` (every task from step 0: the baseline MiOIR beats). Stage lengths
+keep the pipeline's proportions. Each final model is scored on the real test sets beside the
+project, beside the classical baselines; each curriculum's task x stage matrix (on the tasks'
+test splits) gives its forgetting and backward transfer. Whatever wins is printed as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, table
+from quality import TEST_DATA
+
+MODES = ("cumulative", "sequential", "mixed")
+
+
+def variant(pipeline, mode: str, total: int):
+    """The pipeline as ``mode`` with ``total`` steps, stages in the pipeline's proportions."""
+    from allinone.config import Pipeline, PipelineConfig, validate
+
+    config = pipeline.config
+    if mode == "mixed":
+        steps = [total]
+    else:
+        weights = config.curriculum.steps
+        if len(weights) != len(config.tasks):  # a mixed pipeline: equal stages
+            weights = [1] * len(config.tasks)
+        steps = [round(total * w / sum(weights)) for w in weights]
+        steps[-1] += total - sum(steps)
+    data = config.model_dump(mode="json")
+    data["name"] = f"{config.name}-{mode}"
+    data["curriculum"] |= {"mode": mode, "steps": steps}
+    return Pipeline(validate(PipelineConfig, data, pipeline.path), pipeline.path, pipeline.tasks)
+
+
+def train_and_score(pipeline, workdir: Path, images: int) -> dict:
+    from allinone.curriculum import RunOptions
+    from allinone.registry import build_from_pipeline, load_weights
+    from allinone.run import run_pipeline
+    from allinone.suites import EvalPlan, TaskEntry, run_suites
+
+    started = time.perf_counter()
+    summary = run_pipeline(pipeline, RunOptions(workdir, register=False), say=lambda _: None)
+    wall = time.perf_counter() - started
+    plan = EvalPlan(
+        model=load_weights(pipeline, Path(summary["weights"])),
+        trained=tuple(pipeline.config.tasks),
+        catalog={n: TaskEntry(t, pipeline.task_path(n)) for n, t in pipeline.tasks.items()},
+        fresh=lambda: build_from_pipeline(pipeline),
+        data=TEST_DATA,
+        seed=pipeline.config.seed,
+        max_images=images,
+        baselines=True,
+    )
+    return {"summary": summary, "results": run_suites(plan, ["all-in-one"]), "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "cpu-3task.yaml")
+    parser.add_argument("--steps", type=int, default=None, help="total; default: the pipeline's")
+    parser.add_argument("--images", type=int, default=12)
+    args = parser.parse_args()
+
+    from allinone.config import load_pipeline
+    from allinone.run import start_ray
+
+    base = load_pipeline(args.pipeline)
+    total = args.steps or sum(base.config.curriculum.steps)
+    start_ray(None)  # one session for the three runs
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="bench-curriculum-") as scratch:
+        for mode in MODES:
+            runs[mode] = train_and_score(
+                variant(base, mode, total), Path(scratch) / mode, args.images
+            )
+    print_tables(base, total, runs, args.images)
+
+
+def print_tables(base, total: int, runs: dict, images: int) -> None:
+    sets = [(r.task, r.set) for r in runs[MODES[0]]["results"].rows if r.method == "model"]
+    baselines = sorted({r.method for r in runs[MODES[0]]["results"].rows} - {"model"})
+
+    def psnr(mode_or_method: str, key: tuple[str, str]) -> float:
+        source = runs.get(mode_or_method, runs[MODES[0]])["results"].rows
+        method = "model" if mode_or_method in runs else mode_or_method
+        return next(r.psnr for r in source if (r.task, r.set) == key and r.method == method)
+
+    inputs = {
+        (r.task, r.set): r.input_psnr for r in runs[MODES[0]]["results"].rows if r.method == "model"
+    }
+    columns = [*MODES, *baselines]
+    rows = [
+        [
+            task,
+            name,
+            f"{inputs[(task, name)]:.2f}",
+            *(f"{psnr(c, (task, name)):.2f}" for c in columns),
+        ]
+        for task, name in sets
+    ]
+    averages = ["average", "", f"{sum(inputs.values()) / len(inputs):.2f}"]
+    averages += [f"{sum(psnr(c, k) for k in sets) / len(sets):.2f}" for c in columns]
+    print(
+        f"{base.config.model.name}/{base.config.model.preset}, "
+        f"tasks {', '.join(base.config.tasks)}, {total} steps each; "
+        f"PSNR (dB) on full images of the real test sets (first {images})\n"
+    )
+    print(table(["task", "set", "input", *columns], [*rows, averages]))
+    print("\ncontinual view on the tasks' test splits (task x stage matrix of each curriculum)\n")
+    view = []
+    for mode in MODES:
+        numbers = runs[mode]["summary"]["continual"]
+        view.append(
+            [
+                mode,
+                f"{numbers.get('continual/average_psnr', float('nan')):.2f}",
+                f"{numbers.get('continual/forgetting', float('nan')):.2f}",
+                f"{numbers.get('continual/bwt', float('nan')):+.2f}",
+                f"{runs[mode]['wall'] / 60:.1f}",
+            ]
+        )
+    print(table(["curriculum", "final average", "forgetting", "backward transfer", "min"], view))
+
+
+if __name__ == "__main__":
+    main()
