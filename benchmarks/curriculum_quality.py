@@ -1,6 +1,6 @@
 """MiOIR's claim at CPU scale: cumulative sequential learning against sequential and mixed.
 
-    .venv/bin/python benchmarks/curriculum_quality.py [--pipeline pipelines/cpu-3task.yaml]
+    .venv/bin/python benchmarks/curriculum_quality.py [--pipeline pipelines/quickstart.yaml]
         [--steps 1800] [--images 12]
 
 One pipeline's tasks, model, data and recipe, trained three times at the same total steps:
@@ -67,7 +67,7 @@ def train_and_score(pipeline, workdir: Path, images: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "cpu-3task.yaml")
+    parser.add_argument("--pipeline", type=Path, default=REPO / "pipelines" / "quickstart.yaml")
     parser.add_argument("--steps", type=int, default=None, help="total; default: the pipeline's")
     parser.add_argument("--images", type=int, default=12)
     args = parser.parse_args()

@@ -181,9 +181,9 @@ def saved_trials(workdir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def interrupted_study(tmp_path_factory, ray_session):
-    """A 3-trial study killed after its first trial ended, then resumed with --resume."""
+    """A 2-trial study killed after its first trial ended, then resumed with --resume."""
     folder = tmp_path_factory.mktemp("study")
-    path = write_study(folder, "study")
+    path = write_study(folder, "study", samples=2)
     workdir = folder / "work"
     # The drivers join the session's cluster, as on a real cluster: killing one takes its
     # trials down with it, and the cluster stays up for the resumed study.
@@ -210,16 +210,16 @@ def test_a_resumed_study_does_not_repeat_a_finished_trial(interrupted_study) -> 
     workdir, first, runs_before, _ = interrupted_study
     runs = trial_runs(workdir, "study")
     assert {r.info.run_id for r in runs if r.data.tags["allinone.trial"] == first} == runs_before
-    assert len({r.data.tags["allinone.trial"] for r in runs}) == 3, "every trial ran once"
+    assert len({r.data.tags["allinone.trial"] for r in runs}) == 2, "every trial ran once"
 
 
 def test_the_study_prints_its_table_and_registers_the_best(interrupted_study) -> None:
     workdir, _, _, stdout = interrupted_study
-    assert "3 trials" in stdout and "status" in stdout
+    assert "2 trials" in stdout and "status" in stdout
     assert "completed" in stdout
     assert "registered allinone v" in stdout
     best = json.loads((workdir / "mlartifacts").rglob("trials.json").__next__().read_text())
-    assert len(best) == 3 and {row["status"] for row in best} <= {"completed", "stopped by ASHA"}
+    assert len(best) == 2 and {row["status"] for row in best} <= {"completed", "stopped by ASHA"}
 
 
 def test_mlflow_holds_the_study_and_a_child_run_per_trial(interrupted_study) -> None:
@@ -230,11 +230,11 @@ def test_mlflow_holds_the_study_and_a_child_run_per_trial(interrupted_study) -> 
     studies = [r for r in runs if r.info.run_name == "study-study"]
     assert len(studies) == 1 and studies[0].info.status == "FINISHED"
     study = studies[0]
-    assert study.data.metrics["study/trials"] == 3
+    assert study.data.metrics["study/trials"] == 2
     artifacts = {a.path for a in client.list_artifacts(study.info.run_id, "tune")}
     assert {"tune/trials.md", "tune/trials.json", "tune/params_vs_metric.png"} <= artifacts
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
-    assert len(trials) == 3
+    assert len(trials) == 2
     steps_run = 0
     for trial in trials:
         # Its searched values as params, and the curve ASHA read, in curriculum steps.
@@ -243,8 +243,8 @@ def test_mlflow_holds_the_study_and_a_child_run_per_trial(interrupted_study) -> 
         assert curve and all(5 < m.value < 60 for m in curve)
         steps_run += max(m.step for m in curve)
         assert trial.info.status in ("FINISHED", "KILLED")
-    # ASHA stopped some trials early: fewer steps than 3 full curricula of 8.
-    assert study.data.metrics["study/trial_steps"] == steps_run <= 3 * 8
+    # What Tune counted is what the trials logged: at most 2 full curricula of 8 steps.
+    assert study.data.metrics["study/trial_steps"] == steps_run <= 2 * 8
     versions = client.search_model_versions("name='allinone'")
     best = study.data.tags["allinone.best_trial"]
     best_run = next(r for r in trials if r.data.tags["allinone.trial"] == best)

@@ -113,10 +113,10 @@ class RunState:
         return state
 
     def save(self, workdir: Path) -> None:
-        _write_atomic(workdir / STATE, json.dumps(asdict(self), indent=2))
+        write_atomic(workdir / STATE, json.dumps(asdict(self), indent=2))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:

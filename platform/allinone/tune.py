@@ -35,7 +35,7 @@ from allinone.config import (
     check_model,
     validate,
 )
-from allinone.curriculum import STATE, RunOptions, plan_stages, prepare_shards
+from allinone.curriculum import STATE, RunOptions, plan_stages, prepare_shards, write_atomic
 
 TUNABLE = ("model.", "train.", "curriculum.", "data.crop", "data.batch_size")
 # Fields a trial may not change: they decide resources, the stage plan or the study's own clock.
@@ -325,7 +325,7 @@ class StudyState:
         return state
 
     def save(self, workdir: Path) -> None:
-        (workdir / STUDY_STATE).write_text(json.dumps(asdict(self), indent=2))
+        write_atomic(workdir / STUDY_STATE, json.dumps(asdict(self), indent=2))
 
 
 @dataclass
