@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from _common import REPO, table
-from quality import TEST_DATA
+from quality import on_real_sets
 
 MODES = ("cumulative", "sequential", "mixed")
 
@@ -45,24 +45,13 @@ def variant(pipeline, mode: str, total: int):
 
 def train_and_score(pipeline, workdir: Path, images: int) -> dict:
     from allinone.curriculum import RunOptions
-    from allinone.registry import build_from_pipeline, load_weights
     from allinone.run import run_pipeline
-    from allinone.suites import EvalPlan, TaskEntry, run_suites
 
     started = time.perf_counter()
     summary = run_pipeline(pipeline, RunOptions(workdir, register=False), say=lambda _: None)
     wall = time.perf_counter() - started
-    plan = EvalPlan(
-        model=load_weights(pipeline, Path(summary["weights"])),
-        trained=tuple(pipeline.config.tasks),
-        catalog={n: TaskEntry(t, pipeline.task_path(n)) for n, t in pipeline.tasks.items()},
-        fresh=lambda: build_from_pipeline(pipeline),
-        data=TEST_DATA,
-        seed=pipeline.config.seed,
-        max_images=images,
-        baselines=True,
-    )
-    return {"summary": summary, "results": run_suites(plan, ["all-in-one"]), "wall": wall}
+    results = on_real_sets(pipeline, Path(summary["weights"]), images)
+    return {"summary": summary, "results": results, "wall": wall}
 
 
 def main() -> None:
@@ -88,29 +77,31 @@ def main() -> None:
 
 
 def print_tables(base, total: int, runs: dict, images: int) -> None:
-    sets = [(r.task, r.set) for r in runs[MODES[0]]["results"].rows if r.method == "model"]
-    baselines = sorted({r.method for r in runs[MODES[0]]["results"].rows} - {"model"})
+    first = runs[MODES[0]]["results"].rows
+    sets = [(r.task, r.set) for r in first if r.method == "model"]
+    inputs = {(r.task, r.set): r.input_psnr for r in first if r.method == "model"}
+    baselines = sorted({r.method for r in first} - {"model", "input"})
 
-    def psnr(mode_or_method: str, key: tuple[str, str]) -> float:
-        source = runs.get(mode_or_method, runs[MODES[0]])["results"].rows
-        method = "model" if mode_or_method in runs else mode_or_method
-        return next(r.psnr for r in source if (r.task, r.set) == key and r.method == method)
+    def psnr(column: str, key: tuple[str, str]) -> float | None:
+        """A curriculum's model, or a baseline (scored once: the same images for all)."""
+        rows, method = (
+            (runs[column]["results"].rows, "model") if column in runs else (first, column)
+        )
+        found = [r.psnr for r in rows if (r.task, r.set) == key and r.method == method]
+        return found[0] if found else None
 
-    inputs = {
-        (r.task, r.set): r.input_psnr for r in runs[MODES[0]]["results"].rows if r.method == "model"
-    }
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if None in values else sum(values) / len(values)
+
     columns = [*MODES, *baselines]
     rows = [
-        [
-            task,
-            name,
-            f"{inputs[(task, name)]:.2f}",
-            *(f"{psnr(c, (task, name)):.2f}" for c in columns),
-        ]
-        for task, name in sets
+        [t, n, cell(inputs[(t, n)]), *(cell(psnr(c, (t, n))) for c in columns)] for t, n in sets
     ]
-    averages = ["average", "", f"{sum(inputs.values()) / len(inputs):.2f}"]
-    averages += [f"{sum(psnr(c, k) for k in sets) / len(sets):.2f}" for c in columns]
+    averages = ["average", "", cell(mean(list(inputs.values())))]
+    averages += [cell(mean([psnr(c, k) for k in sets])) for c in columns]
     print(
         f"{base.config.model.name}/{base.config.model.preset}, "
         f"tasks {', '.join(base.config.tasks)}, {total} steps each; "

@@ -54,49 +54,57 @@ def training_rate(workdir: Path) -> float:
 
 
 def score(pipeline: Path, workdir: Path, images: int):
+    """The run's final model on the real test sets; with the run's total steps."""
     from allinone.config import load_pipeline
     from allinone.curriculum import plan_stages
+
+    loaded = load_pipeline(pipeline)
+    stages = plan_stages(loaded)
+    weights = workdir / "stages" / stages[-1].name / "model.pt"
+    return on_real_sets(loaded, weights, images), sum(s.steps for s in stages)
+
+
+def on_real_sets(pipeline, weights: Path, images: int):
+    """The all-in-one suite on the real test sets beside the project, with the baselines."""
     from allinone.registry import build_from_pipeline, load_weights
     from allinone.suites import EvalPlan, TaskEntry, run_suites
 
-    loaded = load_pipeline(pipeline)
-    last = plan_stages(loaded)[-1].name
     plan = EvalPlan(
-        model=load_weights(loaded, workdir / "stages" / last / "model.pt"),
-        trained=tuple(loaded.config.tasks),
-        catalog={n: TaskEntry(t, loaded.task_path(n)) for n, t in loaded.tasks.items()},
-        fresh=lambda: build_from_pipeline(loaded),
+        model=load_weights(pipeline, weights),
+        trained=tuple(pipeline.config.tasks),
+        catalog={n: TaskEntry(t, pipeline.task_path(n)) for n, t in pipeline.tasks.items()},
+        fresh=lambda: build_from_pipeline(pipeline),
         data=TEST_DATA,
-        seed=loaded.config.seed,
+        seed=pipeline.config.seed,
         max_images=images,
-        tile=loaded.config.eval.tile,
+        tile=pipeline.config.eval.tile,
         baselines=True,
     )
-    return run_suites(plan, ["all-in-one"]), sum(s.steps for s in plan_stages(loaded))
+    return run_suites(plan, ["all-in-one"])
 
 
 def report(name: str, wall: float, steps: int, rate: float, results) -> None:
     rows_by_set: dict[tuple[str, str], dict[str, object]] = {}
-    for row in results.rows:
-        entry = rows_by_set.setdefault((row.task, row.set), {"input": row.input_psnr})
-        entry[row.method] = row
-    baselines = sorted({r.method for r in results.rows} - {"model"})
+    for row in results.rows:  # per set: the model's row and each baseline's, by method
+        rows_by_set.setdefault((row.task, row.set), {})[row.method] = row
+    baselines = sorted({r.method for r in results.rows} - {"model", "input"})
     rows = []
     for (task, name_of_set), entry in rows_by_set.items():
         model = entry["model"]
         others = {b: entry[b].psnr for b in baselines if b in entry}
-        best = max(others, key=others.get) if others else None
-        margin = model.psnr - others[best] if best else float("nan")
+        # The margin over the best classical method, or over the input where none applies.
+        best = max(others, key=others.get) if others else "input"
+        margin = model.psnr - (others[best] if others else model.input_psnr)
         rows.append(
             [
                 task,
                 name_of_set,
                 model.images,
-                f"{entry['input']:.2f}",
+                f"{model.input_psnr:.2f}",
                 f"{model.psnr:.2f}",
                 f"{model.ssim:.4f}",
                 *(f"{others[b]:.2f}" if b in others else "-" for b in baselines),
-                f"{margin:+.2f} ({best})" if best else "-",
+                f"{margin:+.2f} ({best})",
             ]
         )
     print(

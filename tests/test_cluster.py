@@ -239,12 +239,12 @@ def allinone(
 
 
 # --------------------------------------------------------------------------- the tests
-@pytest.fixture(scope="module")
-def smoke_job(services: Services) -> str:
-    """Submit the smoke pipeline as a user would and follow it to its end; returns the job id."""
+def submit_smoke(services: Services, *extra: str) -> subprocess.CompletedProcess:
+    """``allinone submit pipelines/smoke.yaml`` as a user runs it, followed to the job's end."""
     result = allinone(
         "submit",
         "pipelines/smoke.yaml",
+        *extra,
         "--address",
         services.dashboard,
         "--tracking-uri",
@@ -255,6 +255,13 @@ def smoke_job(services: Services) -> str:
         timeout_s=SUBMIT_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_job(services: Services) -> str:
+    """Submit the smoke pipeline as a user would and follow it to its end; returns the job id."""
+    result = submit_smoke(services)
     found = re.search(r"submitted job (\S+)", result.stdout)
     assert found, result.stdout[-2000:]
     assert "SUCCEEDED" in result.stdout.splitlines()[-1]
@@ -289,21 +296,7 @@ def test_submitted_run_is_tracked_and_registered(services: Services, smoke_job: 
 @pytest.fixture(scope="module")
 def tune_job(services: Services) -> subprocess.CompletedProcess:
     """The smoke pipeline's study, submitted with --tune and followed to its end."""
-    result = allinone(
-        "submit",
-        "pipelines/smoke.yaml",
-        "--tune",
-        "--address",
-        services.dashboard,
-        "--tracking-uri",
-        services.tracking_uri,
-        "--env",
-        f"ALLINONE_DATA={SHARED_DATA}",
-        env=services.client_env,
-        timeout_s=SUBMIT_TIMEOUT_S,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
+    return submit_smoke(services, "--tune")
 
 
 def test_a_submitted_study_runs_its_trials_on_the_cluster(

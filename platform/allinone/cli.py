@@ -173,18 +173,20 @@ def config_check(
 
 
 # --------------------------------------------------------------------------- running
+LocalTrackingUri = Annotated[
+    str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
+]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")]
+
+
 @app.command("run")
 def run(
     pipeline_yaml: Annotated[
         Path, typer.Argument(help="A pipeline, e.g. pipelines/quickstart.yaml")
     ],
     workdir: Annotated[Path | None, typer.Option(help="Default: ./runs/<pipeline name>")] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
-    ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default: local Ray")
-    ] = None,
+    tracking_uri: LocalTrackingUri = None,
+    address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
 ) -> None:
     """Run a whole curriculum: shards, stages, evaluation, registration."""
@@ -216,20 +218,14 @@ def tune(
     workdir: Annotated[
         Path | None, typer.Option(help="Default: ./runs/<pipeline name>-tune")
     ] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
-    ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default: local Ray")
-    ] = None,
+    tracking_uri: LocalTrackingUri = None,
+    address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the study in --workdir")] = False,
 ) -> None:
     """Search the pipeline's tune: space with Ray Tune; register the best trial's model."""
-    from allinone.tune import StudyError, StudyOptions, run_study, table_rows
+    from allinone.tune import StudyOptions, run_study, table_rows
 
     pipeline = load_pipeline(pipeline_yaml)
-    if pipeline.config.tune is None:
-        raise StudyError(f"{pipeline_yaml}: no tune: block, so nothing to search")
     options = StudyOptions(
         workdir or Path("runs") / f"{pipeline.config.name}-tune", tracking_uri, address, resume
     )

@@ -101,17 +101,27 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = False
 
 
+def open_workdir(
+    pipeline: Pipeline, workdir: Path, tracking_uri: str | None, address: str | None
+) -> tuple[Path, str, str]:
+    """What can be checked before anything is written, then the work directory and its tracking
+    store: ``(workdir, tracking URI, experiment id)``."""
+    check_eval_data(pipeline)
+    check_pretrained(pipeline)
+    check_ray_address(address)
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or tracking.default_tracking_uri(workdir)
+    return workdir, uri, tracking.connect(uri, pipeline.config.name)
+
+
 def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str, Any]:
     """Run a whole curriculum; returns the task x stage PSNR matrix and the final scores."""
     import mlflow
 
-    check_eval_data(pipeline)  # what can be checked before anything is written, is
-    check_pretrained(pipeline)
-    check_ray_address(options.address)
-    workdir = options.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
-    experiment = tracking.connect(uri, pipeline.config.name)
+    workdir, uri, experiment = open_workdir(
+        pipeline, options.workdir, options.tracking_uri, options.address
+    )
     state = RunState.open(workdir, pipeline, options.resume)
     start_ray(options.address)
     if options.shards is None:

@@ -369,19 +369,14 @@ def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResu
     import mlflow
     import ray
 
-    from allinone.run import check_pretrained, check_ray_address, start_ray
-    from allinone.suites import check_eval_data
+    from allinone.run import open_workdir, start_ray
 
     study = pipeline.config.tune
     if study is None:
         raise StudyError(f"{pipeline.path}: no tune: block, so nothing to search")
-    check_eval_data(pipeline)  # what can be checked before anything is written, is
-    check_pretrained(pipeline)
-    check_ray_address(options.address)
-    workdir = options.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    uri = options.tracking_uri or tracking.default_tracking_uri(workdir)
-    experiment = tracking.connect(uri, pipeline.config.name)
+    workdir, uri, experiment = open_workdir(
+        pipeline, options.workdir, options.tracking_uri, options.address
+    )
     state = StudyState.open(workdir, pipeline, options.resume)
     start_ray(options.address)
     shards = workdir / "shards"
