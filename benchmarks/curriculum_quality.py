@@ -14,6 +14,7 @@ test splits) gives its forgetting and backward transfer. Whatever wins is printe
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -109,15 +110,21 @@ def print_tables(base, total: int, runs: dict, images: int) -> None:
     )
     print(table(["task", "set", "input", *columns], [*rows, averages]))
     print("\ncontinual view on the tasks' test splits (task x stage matrix of each curriculum)\n")
+
+    def number(numbers: dict, key: str, sign: str = "") -> str:
+        """One stage (mixed) has nothing to forget: no forgetting or transfer to show."""
+        value = numbers.get(key, float("nan"))
+        return "-" if math.isnan(value) else f"{value:{sign}.2f}"
+
     view = []
     for mode in MODES:
         numbers = runs[mode]["summary"]["continual"]
         view.append(
             [
                 mode,
-                f"{numbers.get('continual/average_psnr', float('nan')):.2f}",
-                f"{numbers.get('continual/forgetting', float('nan')):.2f}",
-                f"{numbers.get('continual/bwt', float('nan')):+.2f}",
+                number(numbers, "continual/average_psnr"),
+                number(numbers, "continual/forgetting"),
+                number(numbers, "continual/bwt", "+"),
                 f"{runs[mode]['wall'] / 60:.1f}",
             ]
         )

@@ -181,9 +181,10 @@ def saved_trials(workdir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def interrupted_study(tmp_path_factory, ray_session):
-    """A 2-trial study killed after its first trial ended, then resumed with --resume."""
+    """A 2-trial random search killed after its first trial ended, then resumed with --resume.
+    (Optuna's TPE runs in test_cluster's submitted study.)"""
     folder = tmp_path_factory.mktemp("study")
-    path = write_study(folder, "study", samples=2)
+    path = write_study(folder, "study", samples=2, extra="  search: random\n")
     workdir = folder / "work"
     # The drivers join the session's cluster, as on a real cluster: killing one takes its
     # trials down with it, and the cluster stays up for the resumed study.
@@ -211,6 +212,16 @@ def test_a_resumed_study_does_not_repeat_a_finished_trial(interrupted_study) -> 
     runs = trial_runs(workdir, "study")
     assert {r.info.run_id for r in runs if r.data.tags["allinone.trial"] == first} == runs_before
     assert len({r.data.tags["allinone.trial"] for r in runs}) == 2, "every trial ran once"
+
+
+def test_random_search_keeps_to_max_concurrent(interrupted_study) -> None:
+    """max_concurrent: 1 means the second trial starts only once the first has ended (random
+    search limits itself: Tune ignores max_concurrent_trials for it)."""
+    workdir, first, _, _ = interrupted_study
+    runs = trial_runs(workdir, "study")
+    first_ended = max(r.info.end_time for r in runs if r.data.tags["allinone.trial"] == first)
+    later = [r for r in runs if r.data.tags["allinone.trial"] != first]
+    assert later and all(r.info.start_time >= first_ended for r in later)
 
 
 def test_the_study_prints_its_table_and_registers_the_best(interrupted_study) -> None:

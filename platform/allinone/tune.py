@@ -442,8 +442,9 @@ def _tuner(pipeline: Pipeline, plan: StudyPlan, resources: Resources, workdir: P
             metric=study.metric,
             mode=study.mode,
             num_samples=study.num_samples,
-            max_concurrent_trials=resources.concurrent,
-            search_alg=_search(study, pipeline.config.seed),
+            # Tune applies this to Searchers only; random search limits itself (see _search).
+            max_concurrent_trials=resources.concurrent if study.search != "random" else None,
+            search_alg=_search(study, pipeline.config.seed, resources.concurrent),
             scheduler=_scheduler(study, pipeline.config),
         ),
         run_config=tune.RunConfig(
@@ -454,11 +455,13 @@ def _tuner(pipeline: Pipeline, plan: StudyPlan, resources: Resources, workdir: P
     )
 
 
-def _search(study: TuneSection, seed: int):
+def _search(study: TuneSection, seed: int, concurrent: int):
     if study.search == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        # A SearchGenerator: TuneConfig's max_concurrent_trials would be ignored, and every
+        # trial would start at once and starve the others' worker groups of CPUs.
+        return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
     from optuna.samplers import TPESampler
     from ray.tune.search.optuna import OptunaSearch
 
