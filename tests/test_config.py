@@ -27,6 +27,26 @@ def test_every_shipped_pipeline_loads(path: Path) -> None:
     assert set(pipeline.config.tasks) <= set(pipeline.tasks)
 
 
+def test_directional_degradations_are_not_turned_in_training(tmp_path: Path) -> None:
+    names = ("denoise", "deblur", "derain", "dehaze", "snow", "rain100l", "sots", "pairs")
+    turns = {name: load_task(REPO / "tasks" / f"{name}.yaml").turns_in_training for name in names}
+    assert turns == {
+        "denoise": True,
+        "deblur": True,
+        "derain": False,  # rain falls down
+        "dehaze": False,  # the depth proxy is far at the top
+        "snow": True,  # round flakes
+        "rain100l": False,
+        "sots": False,
+        "pairs": True,  # any lq/gt pairs: the user says otherwise with train.turns
+    }
+    told = tmp_path / "derain.yaml"
+    told.write_text(
+        "name: derain\nkind: synthetic\ndegrade: [{op: rain}]\ntrain: {turns: true}\n"
+    )
+    assert load_task(told).turns_in_training
+
+
 def test_the_seven_miour_tasks_and_unseen_ones_exist() -> None:
     names = {p.stem for p in TASKS}
     assert {"sr", "deblur", "denoise", "jpeg", "derain", "dehaze", "lowlight"} <= names

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from allinone.config import load_pipeline
-from allinone.curriculum import CurriculumError, plan_stages
+from allinone.curriculum import CurriculumError, plan_stages, stage_plan
 from allinone.run import RunOptions, run_pipeline
 from allinone.tracking import TrackingError
 from conftest import REPO
@@ -70,6 +70,14 @@ def finished_run(tmp_path_factory, ray_session):
     pipeline = load_pipeline(write_pipeline(folder, "e2e", train=", eval_every: 2"))
     summary = run_pipeline(pipeline, RunOptions(folder / "work"), say=lambda *_: None)
     return folder / "work", summary
+
+
+def test_a_stage_stream_turns_only_undirected_tasks(finished_run) -> None:
+    workdir, _ = finished_run
+    pipeline = load_pipeline(workdir.parent / "e2e.yaml")
+    last = plan_stages(pipeline)[-1]
+    plan = stage_plan(pipeline, workdir / "shards", last)
+    assert {t.name: t.turns for t in plan.tasks} == {"denoise": True, "dehaze": False}
 
 
 def test_curriculum_trains_every_stage_and_scores_every_task(finished_run) -> None:

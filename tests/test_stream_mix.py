@@ -10,7 +10,14 @@ import pytest
 
 from allinone.config import load_task
 from allinone.shards import BuildRequest, build_shards
-from allinone.stream import StreamPlan, TaskShards, plan_reads, read_crops, task_shards
+from allinone.stream import (
+    StreamPlan,
+    TaskShards,
+    augment,
+    plan_reads,
+    read_crops,
+    task_shards,
+)
 from conftest import CLEAN_PHOTOS
 
 PHOTOS = sorted(CLEAN_PHOTOS.glob("*.jpg"))[:3]
@@ -79,9 +86,31 @@ def test_same_seed_same_plan_other_seed_differs(two_tasks) -> None:
 def test_read_with_a_limit_keeps_that_many_crops(two_tasks) -> None:
     noise, _ = two_tasks
     read = {"url": noise.urls[0], "task_id": 0, "samples": noise.counts[0], "seed": 5}
+    read["turns"] = True
     whole = read_crops(read | {"limit": noise.counts[0]}, CROP)
     part = read_crops(read | {"limit": 3}, CROP)
     assert len(whole) == noise.counts[0] == 4 and len(part) == 3
     assert all(row["lq"].shape == row["gt"].shape == (CROP, CROP, 3) for row in part)
     again = read_crops(read | {"limit": 3}, CROP)
     assert all(np.array_equal(a["gt"], b["gt"]) for a, b in zip(part, again, strict=True))
+
+
+def test_reads_carry_whether_their_task_may_be_turned(two_tasks) -> None:
+    noise, blur = two_tasks
+    upright_blur = TaskShards(blur.name, blur.task_id, blur.urls, blur.counts, turns=False)
+    reads = plan_reads(StreamPlan((noise, upright_blur), {}, CROP, 40, seed=0))
+    assert {r["task_id"]: r["turns"] for r in reads} == {0: True, 1: False}
+
+
+def test_an_upright_crop_is_mirrored_but_never_turned() -> None:
+    # Brightness grows down the rows: a turned crop grows along a row instead.
+    ramp = np.repeat(np.arange(48, dtype=np.uint8)[:, None], 48, axis=1)[..., None].repeat(3, -1)
+    rng = np.random.default_rng(0)
+
+    def grows_downwards(crop: np.ndarray) -> bool:
+        return bool((np.diff(crop[..., 0].astype(int), axis=0) == 1).all())
+
+    upright = [augment(ramp, ramp, CROP, rng, turns=False) for _ in range(32)]
+    assert all(grows_downwards(lq) and np.array_equal(lq, gt) for lq, gt in upright)
+    turned = [augment(ramp, ramp, CROP, rng)[0] for _ in range(32)]
+    assert not all(grows_downwards(lq) for lq in turned), "turns are on by default"

@@ -85,6 +85,9 @@ class SplitConfig(Strict):
     # Fixed settings for an evaluation protocol: one sample per level per image, each level
     # overriding the named parameters of every op in the chain that has them (e.g. sigma 15/25/50).
     levels: list[dict[str, float]] = Field(default_factory=list)
+    # 90-degree turns among the training crops' augmentations; None: decided by the task
+    # (TaskConfig.turns_in_training).
+    turns: bool | None = None
 
 
 class BenchmarkSet(Strict):
@@ -109,6 +112,20 @@ class TaskConfig(Strict):
     # Pixels ignored at each border when scoring, as the protocol asks (SR: its scale): the
     # border of an upscaled image lacks the neighbours interpolation needs, in every method.
     crop_border: int = Field(0, ge=0)
+
+    @property
+    def turns_in_training(self) -> bool:
+        """Whether training crops may be turned by 90 degrees (they are always mirrored).
+
+        Not for degradations with a direction in the picture: turned rain is horizontal streaks,
+        and a model taught to erase those erases horizontal texture too (Rain100L fell 0.85 dB,
+        README "Quality"). Real rain and haze pairs are upright photos as well.
+        """
+        if self.train.turns is not None:
+            return self.train.turns
+        if self.kind == "paired":
+            return self.layout == "lq_gt"
+        return not any(degradations.get_op(step.op).upright for step in self.degrade)
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskConfig:

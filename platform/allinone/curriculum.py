@@ -300,7 +300,15 @@ def stage_plan(pipeline: Pipeline, shards: Path, stage: Stage):
     config = pipeline.config
     ids = {name: i for i, name in enumerate(config.tasks)}
     return StreamPlan(
-        tasks=tuple(task_shards(shard_folder(shards, t, "train"), t, ids[t]) for t in stage.tasks),
+        tasks=tuple(
+            task_shards(
+                shard_folder(shards, t, "train"),
+                t,
+                ids[t],
+                turns=pipeline.tasks[t].turns_in_training,
+            )
+            for t in stage.tasks
+        ),
         weights=dict(config.curriculum.weights),
         crop=config.data.crop,
         samples=stage.steps * config.data.batch_size * config.train.num_workers,

@@ -43,18 +43,21 @@ class Op:
     fn: Callable[..., np.ndarray]
     params: tuple[Param, ...]
     description: str
+    # The degradation has a direction in the picture (rain falls, haze thickens towards the far
+    # top): training must not turn its samples by 90 degrees (see TaskConfig.turns_in_training).
+    upright: bool = False
 
 
 OPS: dict[str, Op] = {}
 
 
 def register_op(
-    name: str, params: Sequence[Param] = (), description: str = ""
+    name: str, params: Sequence[Param] = (), description: str = "", upright: bool = False
 ) -> Callable[[Callable[..., np.ndarray]], Callable[..., np.ndarray]]:
     def register(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         if name in OPS:
             raise ValueError(f"degradation op {name!r} is registered twice")
-        OPS[name] = Op(name, fn, tuple(params), description)
+        OPS[name] = Op(name, fn, tuple(params), description, upright)
         return fn
 
     return register
@@ -391,6 +394,7 @@ def jpeg(image: np.ndarray, rng: np.random.Generator, *, quality: int) -> np.nda
         Param("brightness", 0, 1, default=0.8),
     ),
     description="anti-aliased rain streaks, `density` per 256x256, `angle` from vertical",
+    upright=True,
 )
 def rain(
     image: np.ndarray,
@@ -458,6 +462,7 @@ def depth_proxy(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     "haze",
     params=(Param("A", 0.5, 1.0, default=0.9), Param("beta", 0.01, 5, default=1.5)),
     description="atmospheric scattering I = J*t + A*(1-t), t = exp(-beta*d), d a depth proxy",
+    upright=True,
 )
 def haze(
     image: np.ndarray,

@@ -38,6 +38,7 @@ class TaskShards:
     task_id: int
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    turns: bool = True  # 90-degree turns among the augmentations (TaskConfig.turns_in_training)
 
     @property
     def samples(self) -> int:
@@ -55,20 +56,22 @@ class StreamPlan:
     seed: int
 
 
-def task_shards(folder: Path, task: str, task_id: int, split: str = "train") -> TaskShards:
+def task_shards(
+    folder: Path, task: str, task_id: int, split: str = "train", turns: bool = True
+) -> TaskShards:
     """A built task split's shards (via its manifest), in order."""
     from allinone.shards import shard_urls
 
     urls = shard_urls(folder, task, split)  # raises a clear error when missing or incomplete
     manifest = read_manifest(folder, task, split) or {}
     counts = tuple(s["count"] for s in manifest["shards"] if s and s["count"])
-    return TaskShards(task, task_id, tuple(urls), counts)
+    return TaskShards(task, task_id, tuple(urls), counts, turns)
 
 
 def plan_reads(plan: StreamPlan) -> list[dict[str, Any]]:
     """Shard reads covering the budget (with ``SAFETY_MARGIN``), each task given its weight's
-    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, seed}``: it yields
-    ``limit`` of its shard's ``samples``."""
+    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, turns, seed}``: it
+    yields ``limit`` of its shard's ``samples``, turned by 90 degrees at random where ``turns``."""
     total_weight = sum(plan.weights.get(t.name, 1.0) for t in plan.tasks)
     rng = np.random.default_rng(plan.seed)
     reads = []
@@ -90,7 +93,13 @@ def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list
             count = task.counts[i]
             take = min(wanted, count)
             reads.append(
-                {"url": task.urls[i], "task_id": task.task_id, "samples": count, "limit": take}
+                {
+                    "url": task.urls[i],
+                    "task_id": task.task_id,
+                    "samples": count,
+                    "limit": take,
+                    "turns": task.turns,
+                }
             )
             wanted -= take
             if not wanted:
@@ -100,7 +109,7 @@ def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list
 
 def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
     """One shard read: ``limit`` of its samples (a seeded random subset) decoded, randomly
-    cropped and flipped, as uint8 HxWx3."""
+    cropped, mirrored and turned, as uint8 HxWx3."""
     rng = np.random.default_rng(read["seed"])
     keep = _kept_indices(read["samples"], read["limit"], rng)
     rows = []
@@ -109,7 +118,7 @@ def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
             continue
         lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")
         gt = decode_rgb8(members["gt.png"], f"{read['url']}:{key}")
-        lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng)
+        lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng, read["turns"])
         rows.append({"lq": lq, "gt": gt, "task_id": read["task_id"]})
     return rows
 
@@ -143,16 +152,21 @@ def pad_to(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, pad, mode=mode) if min(h, w) > 1 else np.pad(image, pad, mode="edge")
 
 
-def augment(lq: np.ndarray, gt: np.ndarray, crop: int, rng: np.random.Generator):
-    """The same random window, flips and 90-degree turn on both sides of a pair."""
+def augment(
+    lq: np.ndarray, gt: np.ndarray, crop: int, rng: np.random.Generator, turns: bool = True
+):
+    """The same random window, mirror and (where ``turns``) 90-degree turn on both sides."""
     h, w = lq.shape[:2]
     top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
     lq, gt = lq[top : top + crop, left : left + crop], gt[top : top + crop, left : left + crop]
     if rng.random() < 0.5:
         lq, gt = lq[:, ::-1], gt[:, ::-1]
-    turns = int(rng.integers(0, 4))
+    quarter_turns = int(rng.integers(0, 4)) if turns else 0
     # Contiguous copies: torch refuses to wrap the read-only strided views rot90 and flips give.
-    return np.ascontiguousarray(np.rot90(lq, turns)), np.ascontiguousarray(np.rot90(gt, turns))
+    return (
+        np.ascontiguousarray(np.rot90(lq, quarter_turns)),
+        np.ascontiguousarray(np.rot90(gt, quarter_turns)),
+    )
 
 
 def training_dataset(plan: StreamPlan):
