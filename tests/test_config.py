@@ -41,9 +41,7 @@ def test_directional_degradations_are_not_turned_in_training(tmp_path: Path) -> 
         "pairs": True,  # any lq/gt pairs: the user says otherwise with train.turns
     }
     told = tmp_path / "derain.yaml"
-    told.write_text(
-        "name: derain\nkind: synthetic\ndegrade: [{op: rain}]\ntrain: {turns: true}\n"
-    )
+    told.write_text("name: derain\nkind: synthetic\ndegrade: [{op: rain}]\ntrain: {turns: true}\n")
     assert load_task(told).turns_in_training
 
 
