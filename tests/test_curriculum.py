@@ -217,6 +217,23 @@ def test_cli_reports_unreachable_ray_address(tmp_path: Path) -> None:
     assert "127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_names_a_missing_data_folder_before_writing_anything(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path, "nodata", tasks=("denoise",), steps=(2,))
+    path.write_text(
+        path.read_text().replace("batch_size: 4}", "batch_size: 4, train_source: ./nowhere}")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "data.train_source" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists(), "no work directory, no mlflow.db, no Ray session"
+
+
 def test_resume_after_the_driver_is_killed(tmp_path: Path, ray_session) -> None:
     path = write_pipeline(
         tmp_path, "resumable", tasks=("denoise", "dehaze"), steps=(2, 12), checkpoint_every=4

@@ -133,20 +133,28 @@ def shard_folder(shards: Path, task: str, split: str) -> Path:
 def prepare_shards(pipeline: Pipeline, shards: Path, workers: int = 2, on_build=print) -> None:
     """Build (or resume) every task's train and test shards under the shard root."""
     config = pipeline.config
-    for name, task in pipeline.tasks.items():
+    for (name, split), source in shard_sources(pipeline).items():
+        request = BuildRequest(
+            pipeline.tasks[name],
+            split,
+            str(source),
+            shard_folder(shards, name, split),
+            config.data.samples_per_shard,
+            config.seed,
+        )
+        manifest = build_shards(request, workers=workers)
+        on_build(f"shards {name}/{split}: {manifest['samples']} samples")
+
+
+def shard_sources(pipeline: Pipeline) -> dict[tuple[str, str], str | Path]:
+    """Every task split's source, resolved: ``"skimage"`` or an existing folder. A missing one
+    raises the ConfigError naming the file and field that gave it."""
+    sources = {}
+    for name in pipeline.tasks:
         for split in ("train", "test"):
             source, origin, field_name = _split_source(pipeline, name, split)
-            resolved = resolve_source(source, origin.parent, origin, field_name)
-            request = BuildRequest(
-                task,
-                split,
-                str(resolved),
-                shard_folder(shards, name, split),
-                config.data.samples_per_shard,
-                config.seed,
-            )
-            manifest = build_shards(request, workers=workers)
-            on_build(f"shards {name}/{split}: {manifest['samples']} samples")
+            sources[name, split] = resolve_source(source, origin.parent, origin, field_name)
+    return sources
 
 
 def _split_source(pipeline: Pipeline, task: str, split: str):

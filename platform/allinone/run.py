@@ -22,6 +22,7 @@ from allinone.curriculum import (
     plan_stages,
     prepare_shards,
     shard_folder,
+    shard_sources,
 )
 from allinone.resolve import write_model_card
 from allinone.suites import check_eval_data
@@ -102,10 +103,16 @@ def quiet_ray_data() -> None:
 
 
 def open_workdir(
-    pipeline: Pipeline, workdir: Path, tracking_uri: str | None, address: str | None
+    pipeline: Pipeline,
+    workdir: Path,
+    tracking_uri: str | None,
+    address: str | None,
+    builds_shards: bool = True,
 ) -> tuple[Path, str, str]:
     """What can be checked before anything is written, then the work directory and its tracking
     store: ``(workdir, tracking URI, experiment id)``."""
+    if builds_shards:
+        shard_sources(pipeline)  # every data folder exists, or the error names its field
     check_eval_data(pipeline)
     check_pretrained(pipeline)
     check_ray_address(address)
@@ -120,7 +127,11 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> dict[str
     import mlflow
 
     workdir, uri, experiment = open_workdir(
-        pipeline, options.workdir, options.tracking_uri, options.address
+        pipeline,
+        options.workdir,
+        options.tracking_uri,
+        options.address,
+        builds_shards=options.shards is None,
     )
     state = RunState.open(workdir, pipeline, options.resume)
     start_ray(options.address)
