@@ -9,6 +9,7 @@ returns a :class:`Restoration` carrying degradation logits and named regulariser
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ class Restoration:
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
-class RestorationModel(nn.Module):
+class RestorationModel(nn.Module, abc.ABC):
     """Base class: pads to the network's size multiple, restores, crops back.
 
     Subclasses implement :meth:`restore` on a padded batch and set ``size_multiple``.
@@ -59,8 +60,9 @@ class RestorationModel(nn.Module):
         """
         return (p for name, p in self.named_parameters() if "prompt" in name)
 
+    @abc.abstractmethod
     def restore(self, x: Tensor, task_id: Tensor | None) -> Restoration:
-        raise NotImplementedError  # abstract: every registered model overrides it
+        """Restore a batch already padded to ``size_multiple``."""
 
     def forward(
         self, x: Tensor, task_id: Tensor | None = None, with_aux: bool = False
