@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Before torch is imported anywhere: idle OpenMP threads must sleep, not spin. Tests share 2 cores
@@ -15,6 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CLEAN_PHOTOS = SHARED_DATA / "train" / "CSun_Hays80"
 TEST_SETS = SHARED_DATA / "test"
+
+
+def allinone_cli(
+    *args: object, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """The command line as a user runs it: a fresh process, its output captured as text."""
+    command = [sys.executable, "-m", "allinone", *map(str, args)]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from allinone.config import ConfigError, expand_env, load_pipeline, load_task
-from conftest import REPO
+from conftest import REPO, allinone_cli
 
 TASKS = sorted((REPO / "tasks").glob("*.yaml"))
 PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
@@ -165,8 +164,7 @@ def test_env_expansion() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "allinone", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    return allinone_cli(*args, cwd=REPO, timeout=120)
 
 
 def test_per_task_sources_take_precedence(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from allinone.config import load_pipeline
 from allinone.curriculum import CurriculumError, plan_stages, stage_plan
 from allinone.run import RunOptions, run_pipeline
 from allinone.tracking import TrackingError
-from conftest import REPO
+from conftest import REPO, allinone_cli
 
 
 def write_pipeline(
@@ -197,22 +197,7 @@ def test_tracking_server_that_does_not_answer(tmp_path: Path) -> None:
 
 def test_cli_reports_unreachable_ray_address(tmp_path: Path) -> None:
     path = write_pipeline(tmp_path, "noray", tasks=("denoise",), steps=(2,))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "allinone",
-            "run",
-            str(path),
-            "--workdir",
-            str(tmp_path / "w"),
-            "--address",
-            "127.0.0.1:9",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = allinone_cli("run", path, "--workdir", tmp_path / "w", "--address", "127.0.0.1:9")
     assert result.returncode == 2
     assert "127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
 
@@ -222,12 +207,7 @@ def test_cli_names_a_missing_data_folder_before_writing_anything(tmp_path: Path)
     path.write_text(
         path.read_text().replace("batch_size: 4}", "batch_size: 4, train_source: ./nowhere}")
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "allinone", "run", str(path), "--workdir", str(tmp_path / "w")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = allinone_cli("run", path, "--workdir", tmp_path / "w")
     assert result.returncode == 2
     assert "data.train_source" in result.stderr and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -33,7 +32,7 @@ from allinone.suites import (
     to_markdown,
 )
 from allinone.testsets import EvalDataError, benchmark_sets, discover, synthetic_sets
-from conftest import REPO, SHARED_DATA, TEST_SETS
+from conftest import REPO, SHARED_DATA, TEST_SETS, allinone_cli
 
 TRAINED = ("denoise", "derain", "dehaze")
 # A tiny PromptIR made tinier: full 481x321 test images in about a second on a busy core.
@@ -333,15 +332,7 @@ def test_run_end_logs_suites_grids_and_the_continual_view(tmp_path: Path) -> Non
 
 # --------------------------------------------------------------------------- the CLI
 def _allinone(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "allinone", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return allinone_cli(*args, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from allinone.registry import CHALLENGER, CHAMPION, log_and_register
 from allinone.resolve import resolve_model
+from conftest import allinone_cli
 from test_resolve import RecordedRun, record_run
 
 SUITE = "all-in-one:denoise"
@@ -29,9 +30,7 @@ def recorded(tmp_path_factory) -> RecordedRun:
 
 
 def _cli(*args: str, uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    command = [sys.executable, "-m", "allinone", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return allinone_cli(*args, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
 def test_champion_moves_only_when_beaten_on_the_same_suite(recorded) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from allinone.metrics import to_image, to_tensor
 from allinone.registry import build_from_pipeline
 from allinone.resolve import resolve_model, write_model_card
 from allinone.restore import RestoreError, RestoreJob, restore_images
-from conftest import TEST_SETS
+from conftest import TEST_SETS, allinone_cli
 from test_curriculum import write_pipeline
 
 COLOUR = TEST_SETS / "CBSD68" / "101085.png"  # 321 x 481
@@ -55,8 +53,7 @@ def inputs(tmp_path) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "allinone", "restore", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+    return allinone_cli("restore", *args)
 
 
 def test_restore_a_file_and_a_folder_skipping_the_broken_one(checkpoint, inputs, tmp_path) -> None:

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from allinone.config import ConfigError, load_pipeline
 from allinone.tune import apply_values, decode, plan_resources
-from conftest import REPO
+from conftest import REPO, allinone_cli
 
 STUDY = """
 name: {name}
@@ -100,12 +100,7 @@ def test_a_first_rung_beyond_the_curriculum_is_refused(tmp_path: Path) -> None:
 
 def test_the_cli_refuses_a_bad_study_in_one_line(tmp_path: Path) -> None:
     path = write_study(tmp_path, "bad", space="    train.lrr: {uniform: [0.1, 0.2]}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "allinone", "tune", str(path), "--workdir", str(tmp_path / "w")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = allinone_cli("tune", path, "--workdir", tmp_path / "w", timeout=120)
     assert result.returncode == 2
     assert "tune.space.train.lrr" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "w").exists(), "nothing is created for a refused study"
