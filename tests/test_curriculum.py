@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,11 +73,17 @@ def finished_run(tmp_path_factory, ray_session):
     return folder / "work", summary
 
 
-def test_a_stage_stream_turns_only_undirected_tasks(finished_run) -> None:
+def test_a_stage_stream_turns_a_task_only_where_it_may(finished_run, tmp_path: Path) -> None:
     workdir, _ = finished_run
-    pipeline = load_pipeline(workdir.parent / "e2e.yaml")
-    last = plan_stages(pipeline)[-1]
-    plan = stage_plan(pipeline, workdir / "shards", last)
+    tasks = tmp_path / "tasks"
+    shutil.copytree(REPO / "tasks", tasks)
+    dehaze = tasks / "dehaze.yaml"
+    dehaze.write_text(dehaze.read_text().replace("crop: 256}", "crop: 256, turns: false}"))
+    path = tmp_path / "e2e.yaml"
+    original = (workdir.parent / "e2e.yaml").read_text()
+    path.write_text(original.replace(str(REPO / "tasks"), str(tasks)))
+    pipeline = load_pipeline(path)
+    plan = stage_plan(pipeline, workdir / "shards", plan_stages(pipeline)[-1])
     assert {t.name: t.turns for t in plan.tasks} == {"denoise": True, "dehaze": False}
 
 

@@ -119,12 +119,13 @@ class TaskConfig(Strict):
 
         Not for degradations with a direction in the picture: turned rain is horizontal streaks,
         and a model taught to erase those erases horizontal texture too (Rain100L fell 0.85 dB,
-        README "Quality"). Real rain and haze pairs are upright photos as well.
+        README "Quality"). Haze is turned although its depth proxy is far at the top: kept
+        upright, the model leant on where haze sits and SOTS fell 2.4 dB.
         """
         if self.train.turns is not None:
             return self.train.turns
         if self.kind == "paired":
-            return self.layout == "lq_gt"
+            return self.layout != "rain100l"
         return not any(degradations.get_op(step.op).upright for step in self.degrade)
 
     @model_validator(mode="after")

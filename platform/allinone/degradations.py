@@ -43,8 +43,8 @@ class Op:
     fn: Callable[..., np.ndarray]
     params: tuple[Param, ...]
     description: str
-    # The degradation has a direction in the picture (rain falls, haze thickens towards the far
-    # top): training must not turn its samples by 90 degrees (see TaskConfig.turns_in_training).
+    # The degradation has a direction in the picture (rain falls): training must not turn its
+    # samples by 90 degrees (see TaskConfig.turns_in_training).
     upright: bool = False
 
 
@@ -462,7 +462,6 @@ def depth_proxy(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     "haze",
     params=(Param("A", 0.5, 1.0, default=0.9), Param("beta", 0.01, 5, default=1.5)),
     description="atmospheric scattering I = J*t + A*(1-t), t = exp(-beta*d), d a depth proxy",
-    upright=True,
 )
 def haze(
     image: np.ndarray,
