@@ -302,17 +302,15 @@ def fine_tune(
 
 
 def _crop_batch(pairs: list[Pair], crop: int, batch: int, rng: np.random.Generator):
-    """``batch`` random crops (with flips) drawn from the pairs, as (N, 3, c, c) tensors."""
+    """``batch`` random crops drawn from the pairs, mirrored but never turned (the few shots may
+    be rain), as (N, 3, c, c) tensors."""
+    from allinone.stream import augment
+
     size = min(crop, *(min(gt.shape[:2]) for _, _, gt in pairs))
     lqs, gts = [], []
     for _ in range(batch):
         _, lq, gt = pairs[int(rng.integers(len(pairs)))]
-        top = int(rng.integers(gt.shape[0] - size + 1))
-        left = int(rng.integers(gt.shape[1] - size + 1))
-        window = (slice(top, top + size), slice(left, left + size))
-        a, b = lq[window], gt[window]
-        if rng.random() < 0.5:
-            a, b = a[:, ::-1], b[:, ::-1]
+        a, b = augment(lq, gt, size, rng, turns=False)
         lqs.append(a)
         gts.append(b)
 
