@@ -11,11 +11,20 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
-from allinone.models import clip_prompt, mioir, perceiver, pip, promptir  # noqa: E402,F401,I001
+from allinone.models import (  # noqa: E402,F401,I001
+    adair,
+    am_promptir,
+    clip_prompt,
+    mioir,
+    perceiver,
+    pip,
+    promptir,
+)
 from allinone.models.base import (
     DEFAULT_TASKS,
     MODELS,
     ModelEntry,
+    OfficialRelease,
     Restoration,
     RestorationModel,
     count_parameters,
@@ -26,6 +35,7 @@ __all__ = [
     "DEFAULT_TASKS",
     "MODELS",
     "ModelEntry",
+    "OfficialRelease",
     "Restoration",
     "RestorationModel",
     "build",

@@ -26,10 +26,14 @@ DEFAULT_TASKS: tuple[str, ...] = ("sr", "deblur", "denoise", "jpeg", "derain", "
 class Restoration:
     """A model's full answer for one batch."""
 
-    image: Tensor
+    # None only when a training target was given and the model computes its own objective instead
+    # of an image (a diffusion model's noise prediction): the trainer then adds no pixel loss.
+    image: Tensor | None
     # Degradation-class logits (N, num_tasks) from a blind predictor, when the model has one.
     logits: Tensor | None = None
-    # Named scalar regularisers that need no labels (e.g. PIP's prompt orthogonality).
+    # Named scalar terms the trainer weighs and adds: regularisers that need no labels (PIP's
+    # prompt orthogonality) and, when a target was given, the model's own supervised terms
+    # (AM-PromptIR's frequency loss, MPerceiver's noise prediction).
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -64,12 +68,25 @@ class RestorationModel(nn.Module, abc.ABC):
     def restore(self, x: Tensor, task_id: Tensor | None) -> Restoration:
         """Restore a batch already padded to ``size_multiple``."""
 
+    def supervised_terms(self, restored: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Loss terms of this model's own beyond the pipeline's pixel loss (none by default)."""
+        return {}
+
     def forward(
-        self, x: Tensor, task_id: Tensor | None = None, with_aux: bool = False
+        self,
+        x: Tensor,
+        task_id: Tensor | None = None,
+        with_aux: bool = False,
+        target: Tensor | None = None,
     ) -> Tensor | Restoration:
+        """Restore ``x``; in training (``target`` given, ``with_aux``) the answer also carries the
+        model's supervised terms. Training goes through ``forward`` so that engines that hook
+        modules (DeepSpeed ZeRO-3 gathers parameters on forward) see every call."""
         height, width = x.shape[-2:]
         out = self.restore(pad_to_multiple(x, self.size_multiple), task_id)
         out.image = out.image[..., :height, :width]
+        if target is not None:
+            out.aux.update(self.supervised_terms(out.image, target))
         return out if with_aux else out.image
 
 
@@ -84,6 +101,26 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 
 
 @dataclass(frozen=True)
+class OfficialRelease:
+    """How a published architecture relates to its authors' code and released checkpoints.
+
+    ``parameters`` is the official network's parameter count at ``preset`` (counted from the
+    authors' code, random init), which that preset must equal. ``unused`` are regular expressions
+    (full match) of official checkpoint keys that the official forward never uses and that our
+    network therefore lacks: the importer drops them by name and nothing else. ``rename`` maps an
+    official key (wrapper prefixes already stripped) to ours, where the names differ.
+    """
+
+    repository: str
+    parameters: int
+    preset: str = "paper"
+    # Which released files import and where their authors publish them ("" where none are).
+    weights: str = ""
+    unused: tuple[str, ...] = ()
+    rename: Callable[[str], str] | None = None
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A registered architecture: its builder and named presets of constructor arguments."""
 
@@ -91,16 +128,21 @@ class ModelEntry:
     builder: Callable[..., RestorationModel]
     presets: dict[str, dict[str, Any]]
     description: str
+    # Set for a published network (its name is the paper's); None for the platform's own variants.
+    official: OfficialRelease | None = None
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, presets: dict[str, dict[str, Any]], description: str
+    name: str,
+    presets: dict[str, dict[str, Any]],
+    description: str,
+    official: OfficialRelease | None = None,
 ) -> Callable[[Callable[..., RestorationModel]], Callable[..., RestorationModel]]:
     def decorate(builder: Callable[..., RestorationModel]) -> Callable[..., RestorationModel]:
-        MODELS[name] = ModelEntry(name, builder, presets, description)
+        MODELS[name] = ModelEntry(name, builder, presets, description, official)
         return builder
 
     return decorate

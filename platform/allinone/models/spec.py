@@ -1,0 +1,44 @@
+"""What a model is, in one typed value: architecture, preset, overrides and the tasks it knows.
+
+Every place that records or rebuilds a model (a stage job, a model card, the registry, a
+checkpoint file) carries a :class:`ModelSpec`, so "which network is this" is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from allinone.models.base import DEFAULT_TASKS, RestorationModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    preset: str = "tiny"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    task_names: tuple[str, ...] = DEFAULT_TASKS
+
+    def build(self) -> RestorationModel:
+        """The network with random init."""
+        from allinone.models import build
+
+        return build(self.name, self.preset, task_names=self.task_names, **dict(self.overrides))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "preset": self.preset,
+            "overrides": dict(self.overrides),
+            "task_names": list(self.task_names),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
+        return cls(
+            name=str(data["name"]),
+            preset=str(data.get("preset", "tiny")),
+            overrides=dict(data.get("overrides") or {}),
+            task_names=tuple(data.get("task_names") or DEFAULT_TASKS),
+        )
