@@ -45,13 +45,13 @@ def variant(pipeline, mode: str, total: int):
 
 
 def train_and_score(pipeline, workdir: Path, images: int) -> dict:
-    from allinone.curriculum import RunOptions
-    from allinone.run import run_pipeline
+    from allinone.curriculum.run import run_pipeline
+    from allinone.curriculum.state import RunOptions
 
     started = time.perf_counter()
     summary = run_pipeline(pipeline, RunOptions(workdir, register=False), say=lambda _: None)
     wall = time.perf_counter() - started
-    results = on_real_sets(pipeline, Path(summary["weights"]), images)
+    results = on_real_sets(pipeline, summary.weights, images)
     return {"summary": summary, "results": results, "wall": wall}
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from allinone.config import load_pipeline
-    from allinone.run import start_ray
+    from allinone.curriculum.run import start_ray
 
     base = load_pipeline(args.pipeline)
     total = args.steps or sum(base.config.curriculum.steps)

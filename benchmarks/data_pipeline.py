@@ -6,7 +6,7 @@ Builds three tasks' shards (denoise, deblur, derain from tasks/*.yaml) from the 
 ../shared/data/train/CSun_Hays80, then streams batches of 8 random crops (decode, crop, flip,
 90-degree turn) three ways, each with 2 processes doing the data work where it can say so:
 
-- ``allinone.stream``: ``training_dataset(StreamPlan)`` (one Ray task per shard read) iterated
+- ``allinone.data.stream``: ``training_dataset(StreamPlan)`` (one Ray task per shard read) iterated
   with ``streaming_split(1)`` + ``iter_torch_batches``, as a Ray Train worker gets it;
 - plain: ``webdataset.WebDataset(urls)`` + ``torch.utils.data.DataLoader(num_workers=2)``;
 - stock Ray Data: ``ray.data.read_webdataset(urls)`` + ``map_batches(crop)``, for reference.
@@ -21,7 +21,7 @@ Table 2: a training loop on the tiny PromptIR (Adam step per batch) fed by each 
 for a whole stage (``--stage-samples``): time blocked in ``next(iterator)`` against compute
 (goal: under 5% of the step for the Ray stream), compute against the same loop on one in-memory
 batch (the data work shares the 2 cores with training), and CPU seconds per step of everything.
-Ray is started with ``allinone.run.start_ray(None)``, as ``allinone run`` starts it.
+Ray is started with ``allinone.curriculum.run.start_ray(None)``, as ``allinone run`` starts it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 # Before torch is imported: idle OpenMP threads must sleep, not spin, while data workers share the
-# cores (conftest.py and allinone.run.WORKER_ENV do the same; spinning made training 6-9x slower).
+# cores (conftest.py and allinone.cluster.ray.WORKER_ENV do the same; spinning made training 6-9x
+# slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -45,8 +46,8 @@ from PIL import Image  # noqa: E402
 
 from _common import REPO, CpuWindow, load_note, photo_folder, table  # noqa: E402
 from allinone.config import load_task  # noqa: E402
-from allinone.shards import BuildRequest, build_shards  # noqa: E402
-from allinone.stream import (  # noqa: E402
+from allinone.data.shards import BuildRequest, build_shards  # noqa: E402
+from allinone.data.stream import (  # noqa: E402
     StreamPlan,
     TaskShards,
     augment,
@@ -155,7 +156,7 @@ def stock_ray(tasks: list[TaskShards], crop: int, samples: int):
 
 
 PIPELINES = {
-    "allinone.stream (Ray Data)": ray_stream,
+    "allinone.data.stream (Ray Data)": ray_stream,
     "plain WebDataset + DataLoader": plain_loader,
     "stock ray.data.read_webdataset": stock_ray,
 }
@@ -187,8 +188,8 @@ def throughput(make, tasks, crop: int, samples: int) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- training loop
 def _model_and_step():
-    from allinone.losses import total_loss
     from allinone.models import build
+    from allinone.train.losses import total_loss
 
     torch.manual_seed(0)
     model = build("promptir", "tiny")
@@ -259,7 +260,7 @@ def main() -> None:
     if args.quick:
         args.samples, args.repeats, args.steps, args.warmup = 800, 1, 15, 3
 
-    from allinone.run import start_ray
+    from allinone.curriculum.run import start_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         tasks = build_task_shards(Path(scratch), args.photos, args.variants, args.samples_per_shard)

@@ -56,7 +56,7 @@ def training_rate(workdir: Path) -> float:
 def score(pipeline: Path, workdir: Path, images: int):
     """The run's final model on the real test sets; with the run's total steps."""
     from allinone.config import load_pipeline
-    from allinone.curriculum import plan_stages
+    from allinone.curriculum.plan import plan_stages
 
     loaded = load_pipeline(pipeline)
     stages = plan_stages(loaded)
@@ -66,14 +66,13 @@ def score(pipeline: Path, workdir: Path, images: int):
 
 def on_real_sets(pipeline, weights: Path, images: int):
     """The all-in-one suite on the real test sets beside the project, with the baselines."""
-    from allinone.registry import build_from_pipeline, load_weights
-    from allinone.suites import EvalPlan, TaskEntry, run_suites
+    from allinone.evaluate.suites import EvalPlan, TaskEntry, run_suites
 
     plan = EvalPlan(
-        model=load_weights(pipeline, weights),
+        model=pipeline.config.model_spec.load(weights),
         trained=tuple(pipeline.config.tasks),
         catalog={n: TaskEntry(t, pipeline.task_path(n)) for n, t in pipeline.tasks.items()},
-        fresh=lambda: build_from_pipeline(pipeline),
+        fresh=pipeline.config.model_spec.build,
         data=TEST_DATA,
         seed=pipeline.config.seed,
         max_images=images,

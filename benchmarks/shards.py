@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/shards.py [--quick] [--photos 64] [--variants 8] [--repeats 3]
 
 Builds one synthetic task (blur -> noise -> JPEG, crop 256, several variants per photo) from the
-clean photos in ../shared/data/train/CSun_Hays80 with ``allinone.shards.build_shards``. Prints a
+clean photos in ../shared/data/train/CSun_Hays80 with ``allinone.data.shards.build_shards``.
+Prints a
 markdown table per layout: images/s (source photos) and samples/s for each worker count, the
 speed-up over 1 worker measured in the same run (goal on 2 cores: at least 1.6x), CPU seconds per
 sample (should not grow with workers), the parallelism achieved (CPU time / wall time) and the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from _common import CpuWindow, fresh, load_note, photo_folder, table
 from allinone.config import TaskConfig
-from allinone.shards import BuildRequest, build_shards
+from allinone.data.shards import BuildRequest, build_shards
 
 TASK = {
     "name": "bench",

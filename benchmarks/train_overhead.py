@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_overhead.py [--quick] [--steps 30] [--crop 64] [--zero 2]
 
 Both train promptir tiny on the same in-memory batch shape (8 x 3 x 64 x 64, uint8 crops made
-once: no decoding), with the same loss (``allinone.losses.total_loss``, L1), AdamW, gradient
+once: no decoding), with the same loss (``allinone.train.losses.total_loss``, L1), AdamW, gradient
 clipping 1.0 and the cosine LR schedule, on the same number of torch threads.
 
 - platform: a ``TorchTrainer`` (one worker, gloo) running ``allinone.train.train_stage`` itself,
@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before torch is imported: the bare loop runs with what allinone.run.WORKER_ENV gives Ray workers.
+# Before torch is imported: the bare loop runs with what allinone.cluster.ray.WORKER_ENV gives
+# Ray workers.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
@@ -41,7 +42,9 @@ import torch  # noqa: E402
 
 from _common import load_note, table  # noqa: E402
 from allinone.config import TrainSection  # noqa: E402
-from allinone.train import StageJob, cosine_with_warmup, job_dict  # noqa: E402
+from allinone.models.spec import ModelSpec  # noqa: E402
+from allinone.train.job import StageJob  # noqa: E402
+from allinone.train.loop import cosine_with_warmup  # noqa: E402
 
 BATCH = 8
 TASKS = ("denoise", "deblur", "derain")
@@ -59,9 +62,9 @@ def crops(crop: int, count: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- bare PyTorch
 def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: int) -> dict:
-    from allinone.losses import total_loss
+    from allinone.data.stream import to_model_batch
     from allinone.models import build
-    from allinone.stream import to_model_batch
+    from allinone.train.losses import total_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -99,7 +102,7 @@ def bare_loop(train: TrainSection, crop: int, steps: int, warmup: int, threads: 
 # --------------------------------------------------------------------------- the platform
 def _timed_stage(config: dict) -> None:
     """``train_stage`` with two clocks added: batch in hand, and step done (rank 0's logger)."""
-    import allinone.train as train_module
+    import allinone.train.loop as train_module
 
     record = {"batch_at": [], "done_at": [], "cpu_at": [], "threads": None, "omp": None}
     to_device, log = train_module._to_device, train_module.StepLogger.log
@@ -121,7 +124,7 @@ def _timed_stage(config: dict) -> None:
         train_module.train_stage(config)
     finally:
         train_module._to_device, train_module.StepLogger.log = to_device, log
-        Path(config["extra"]["timings"]).write_text(json.dumps(record))
+        Path(config["timings"]).write_text(json.dumps(record))
 
 
 def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scratch: Path) -> dict:
@@ -129,7 +132,7 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from allinone.curriculum import WORKER_RESOURCES
+    from allinone.curriculum.fit import WORKER_RESOURCES
 
     pool = crops(crop, POOL)
     rows = [{k: v[i % POOL] for k, v in pool.items()} for i in range((steps + warmup + 4) * BATCH)]
@@ -139,16 +142,14 @@ def platform_loop(train: TrainSection, crop: int, steps: int, warmup: int, scrat
         stage=0,
         stage_name="bench",
         steps=warmup + steps,
-        model={"name": "promptir", "preset": "tiny", "overrides": {}},
-        task_names=list(TASKS),
-        train=train.model_dump(mode="json"),
+        model=ModelSpec("promptir", "tiny", task_names=tuple(TASKS)),
+        train=train,
         batch_size=BATCH,
         seed=0,
-        extra={"timings": str(timings)},
     )
     trainer = TorchTrainer(
         _timed_stage,
-        train_loop_config=job_dict(job),
+        train_loop_config={"job": job, "timings": str(timings)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker=WORKER_RESOURCES),
         run_config=RunConfig(
@@ -189,7 +190,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup = 10, 3
 
-    from allinone.run import start_ray
+    from allinone.curriculum.run import start_ray
 
     # What the platform would run: one worker, ZeRO stage as asked, checkpoint only at the end.
     train = TrainSection(

@@ -45,7 +45,7 @@ tune:
 
 def study(scheduler: str, folder: Path, trials: int, steps: int) -> dict:
     from allinone.config import load_pipeline
-    from allinone.tune import StudyOptions, run_study
+    from allinone.tune.study import StudyOptions, run_study
 
     path = folder / f"{scheduler}.yaml"
     path.write_text(
@@ -78,7 +78,7 @@ def main() -> None:
     if args.quick:
         args.trials, args.steps = 4, 36
 
-    from allinone.run import start_ray
+    from allinone.curriculum.run import start_ray
 
     start_ray(None)  # one session for both studies: neither pays Ray's start-up
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as scratch:

@@ -43,7 +43,7 @@ def ray_session():
     """One local Ray cluster shared by every test that needs Ray (starting one costs seconds)."""
     import ray
 
-    from allinone.run import start_ray
+    from allinone.curriculum.run import start_ray
 
     start_ray(None)
     yield ray

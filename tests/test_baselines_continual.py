@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from allinone.baselines import (
+from allinone.data.images import read_image
+from allinone.evaluate.baselines import (
     BASELINES,
     BASELINES_FOR_TASK,
     baselines_for,
@@ -18,7 +19,7 @@ from allinone.baselines import (
     nlm_denoise,
     tv_denoise,
 )
-from allinone.continual import (
+from allinone.evaluate.continual import (
     StageMatrix,
     average_psnr,
     backward_transfer,
@@ -27,8 +28,7 @@ from allinone.continual import (
     heatmap_png,
     to_markdown,
 )
-from allinone.images import read_image
-from allinone.metrics import psnr
+from allinone.evaluate.metrics import psnr
 
 TEST_DATA = Path(__file__).resolve().parents[2] / "shared/data/test"
 needs_data = pytest.mark.skipif(not TEST_DATA.is_dir(), reason=f"no test data at {TEST_DATA}")

@@ -346,7 +346,7 @@ def test_shipped_package_is_what_driver_and_worker_node_import(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The job imports the submitted allinone, not the copy installed (editable) on the nodes."""
-    from allinone import cluster
+    from allinone.cluster import jobs as cluster
 
     script = (
         "import allinone, ray; ray.init(); "
@@ -388,7 +388,7 @@ def test_an_address_where_nothing_listens_fails_in_one_line() -> None:
 def test_token_and_address_are_found_where_ray_looks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from allinone.cluster import find_token, resolve_address
+    from allinone.cluster.jobs import find_token, resolve_address
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)

@@ -168,7 +168,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_per_task_sources_take_precedence(tmp_path: Path) -> None:
-    from allinone.curriculum import _split_source
+    from allinone.curriculum.shards import _split_source
 
     path = tmp_path / "p.yaml"
     path.write_text(

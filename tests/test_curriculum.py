@@ -16,9 +16,11 @@ import pytest
 from mlflow import MlflowClient
 
 from allinone.config import load_pipeline
-from allinone.curriculum import CurriculumError, plan_stages, stage_plan
-from allinone.run import RunOptions, run_pipeline
-from allinone.tracking import TrackingError
+from allinone.curriculum.plan import plan_stages, stage_plan
+from allinone.curriculum.run import run_pipeline
+from allinone.curriculum.state import CurriculumError, RunOptions
+from allinone.tracking.runs import TrackingError
+from allinone.train.job import FaultInjection
 from conftest import REPO, allinone_cli
 
 
@@ -89,12 +91,12 @@ def test_a_stage_stream_turns_a_task_only_where_it_may(finished_run, tmp_path: P
 
 def test_curriculum_trains_every_stage_and_scores_every_task(finished_run) -> None:
     workdir, summary = finished_run
-    assert list(summary["matrix"]) == ["stage1-denoise", "stage2-dehaze"]
-    for scores in summary["matrix"].values():
+    assert list(summary.matrix) == ["stage1-denoise", "stage2-dehaze"]
+    for scores in summary.matrix.values():
         assert set(scores) == {"denoise", "dehaze"} and all(5 < v < 60 for v in scores.values())
-    for stage in summary["matrix"]:
+    for stage in summary.matrix:
         assert (workdir / "stages" / stage / "model.pt").is_file()
-    assert summary["registered"]["alias"] == "champion"
+    assert summary.registered.alias == "champion"
 
 
 def test_mlflow_holds_one_parent_and_a_nested_run_per_stage(finished_run) -> None:
@@ -152,12 +154,12 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session
     pipeline = load_pipeline(
         write_pipeline(tmp_path, "faulty", tasks=("denoise",), steps=(8,), checkpoint_every=3)
     )
-    fault = {"fail_at_step": 4, "fail_marker": str(tmp_path / "killed-once")}
+    fault = FaultInjection(at_step=4, marker=str(tmp_path / "killed-once"))
     summary = run_pipeline(
         pipeline, RunOptions(tmp_path / "work", fault=fault, register=False), say=lambda *_: None
     )
     assert (tmp_path / "killed-once").read_text() == "4", "the worker process was killed at step 4"
-    assert list(summary["matrix"]) == ["stage1-denoise"]
+    assert list(summary.matrix) == ["stage1-denoise"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     state = json.loads((tmp_path / "work" / "state.json").read_text())
     steps = [

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from allinone import degradations as deg
-from allinone.degradations import OPS, apply_chain, check_param, get_op, sample_params, sample_rng
+from allinone.data import degradations as deg
+from allinone.data.degradations import (
+    OPS,
+    apply_chain,
+    check_param,
+    get_op,
+    sample_params,
+    sample_rng,
+)
 
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/train/CSun_Hays80"
 # Ops that draw nothing from the rng: different sample keys must give the same output.
@@ -23,7 +30,7 @@ def photo() -> np.ndarray:
     """A 128x128 centre crop of a real photo (fine detail for blur/JPEG/SR to destroy)."""
     files = sorted(REAL_IMAGES.glob("*.jpg"))
     if files:
-        from allinone.images import read_image
+        from allinone.data.images import read_image
 
         pixels = read_image(files[0]).pixels
     else:  # a checkout without the shared data: scikit-image's bundled photo

@@ -16,22 +16,21 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from allinone.config import ConfigError, FewShotSection, load_pipeline
-from allinone.continual import log_continual
-from allinone.registry import build_from_pipeline
-from allinone.shards import BuildRequest, build_shards
-from allinone.suites import (
+from allinone.curriculum.scoring import evaluate_run_end
+from allinone.data.shards import BuildRequest, build_shards
+from allinone.evaluate.continual import log_continual
+from allinone.evaluate.suites import (
     MODEL,
     EvalError,
     EvalPlan,
     default_tasks_dir,
-    evaluate_run_end,
     few_shot_table,
     fine_tune,
     load_catalog,
     run_suites,
     to_markdown,
 )
-from allinone.testsets import EvalDataError, benchmark_sets, discover, synthetic_sets
+from allinone.evaluate.testsets import EvalDataError, benchmark_sets, discover, synthetic_sets
 from conftest import REPO, SHARED_DATA, TEST_SETS, allinone_cli
 
 TRAINED = ("denoise", "derain", "dehaze")
@@ -63,7 +62,7 @@ def pipeline(tmp_path_factory):
 def trained_model(pipeline):
     # Stands in for trained weights: any init other than few-shot's scratch arm (seed 0) does.
     torch.manual_seed(1234)
-    return build_from_pipeline(pipeline).eval()
+    return pipeline.config.model_spec.build().eval()
 
 
 def make_plan(pipeline, model, **options) -> EvalPlan:
@@ -71,7 +70,7 @@ def make_plan(pipeline, model, **options) -> EvalPlan:
         model=model,
         trained=TRAINED,
         catalog=load_catalog(default_tasks_dir()),
-        fresh=lambda: build_from_pipeline(pipeline),
+        fresh=pipeline.config.model_spec.build,
         **options,
     )
 
@@ -292,7 +291,7 @@ def test_run_end_logs_suites_grids_and_the_continual_view(tmp_path: Path) -> Non
     block = "{suites: [zero-shot], max_images: 1, tile: 256}"
     pipeline = load_pipeline(write_pipeline(tmp_path, block, tasks=("denoise", "dehaze")))
     weights = tmp_path / "model.pt"
-    torch.save(build_from_pipeline(pipeline).state_dict(), weights)
+    torch.save(pipeline.config.model_spec.build().state_dict(), weights)
     matrix = {
         "stage1-denoise": {"denoise": 25.0},
         "stage2-dehaze": {"denoise": 24.0, "dehaze": 18.0},
@@ -338,7 +337,7 @@ def _allinone(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(pipeline, trained_model, tmp_path_factory) -> Path:
     """A stage-style checkpoint: model.pt with the card that names its architecture."""
-    from allinone.resolve import write_model_card
+    from allinone.tracking.resolve import write_model_card
 
     weights = tmp_path_factory.mktemp("checkpoint") / "model.pt"
     torch.save(trained_model.state_dict(), weights)
@@ -383,7 +382,7 @@ def test_cli_eval_errors_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
 
 
 def test_a_bad_eval_data_folder_stops_the_run_before_training(tmp_path: Path) -> None:
-    from allinone.run import RunOptions, run_pipeline
+    from allinone.curriculum.run import RunOptions, run_pipeline
 
     (tmp_path / "empty").mkdir()
     pipeline = load_pipeline(write_pipeline(tmp_path, f"{{data: {tmp_path / 'empty'}}}"))

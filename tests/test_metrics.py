@@ -8,8 +8,7 @@ import torch
 from scipy.signal import convolve2d
 from torch import nn
 
-from allinone.evaluate import model_restorer
-from allinone.metrics import (
+from allinone.evaluate.metrics import (
     PSNR_CAP_DB,
     default_overlap,
     psnr,
@@ -19,6 +18,7 @@ from allinone.metrics import (
     to_image,
     to_tensor,
 )
+from allinone.evaluate.scoring import model_restorer
 
 
 def _random_image(h: int = 40, w: int = 48, seed: int = 0) -> np.ndarray:

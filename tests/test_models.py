@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from allinone import models
-from allinone.losses import charbonnier, focal, l1, total_loss
 from allinone.models import MODELS, Restoration
+from allinone.train.losses import charbonnier, focal, l1, total_loss
 
 NAMES = sorted(MODELS)
 # Every preset that trains on a CPU (all but the papers' sizes), as "name:preset".
@@ -120,7 +120,7 @@ def test_charbonnier_is_a_smooth_l1() -> None:
 
 
 def test_psnr_loss_is_minus_the_mean_psnr_of_the_images() -> None:
-    from allinone.losses import psnr_loss
+    from allinone.train.losses import psnr_loss
 
     target = torch.zeros(2, 3, 4, 4)
     pred = torch.stack([torch.full((3, 4, 4), 0.1), torch.full((3, 4, 4), 0.01)])
@@ -146,7 +146,7 @@ def test_total_loss_adds_weighted_aux_terms() -> None:
 
 LIST_MODELS = """
 import resource, sys
-from allinone.cli import app
+from allinone.cli.main import app
 app(["models", "list"], standalone_mode=False)
 print("peak-rss-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
@@ -183,7 +183,7 @@ def test_models_list_counts_without_building_weights() -> None:
 
 
 def test_a_models_own_aux_weights_apply_unless_the_pipeline_names_them() -> None:
-    from allinone.train import aux_weights
+    from allinone.train.loop import aux_weights
 
     pip = models.build("pip", "tiny")
     assert aux_weights(pip, {}) == {"orthogonality": 0.002}, "PIP's paper weight"
@@ -195,9 +195,11 @@ def test_a_models_own_aux_weights_apply_unless_the_pipeline_names_them() -> None
 
 
 def test_a_pipeline_starts_from_its_own_pretrained_checkpoint(tmp_path) -> None:
-    from allinone.config import ConfigError, load_pipeline
-    from allinone.run import check_pretrained
-    from allinone.train import StageJob, _build_model
+    from allinone.config import ConfigError, TrainSection, load_pipeline
+    from allinone.curriculum.run import check_pretrained
+    from allinone.models.spec import ModelSpec
+    from allinone.train.job import StageJob
+    from allinone.train.loop import build_model
     from conftest import REPO
 
     def pipeline(weights: str, name: str = "promptir") -> object:
@@ -223,13 +225,12 @@ def test_a_pipeline_starts_from_its_own_pretrained_checkpoint(tmp_path) -> None:
         stage=0,
         stage_name="s",
         steps=1,
-        model={"name": "promptir", "preset": "tiny", "overrides": {}},
-        task_names=["denoise"],
-        train={},
+        model=ModelSpec("promptir", "tiny", task_names=("denoise",)),
+        train=TrainSection(),
         batch_size=1,
         seed=0,
         init_weights=str(fits.pretrained),
     )
-    built = _build_model(job)
+    built = build_model(job)
     for key, value in saved.state_dict().items():
         assert torch.equal(built.state_dict()[key], value), key

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from allinone import models
-from allinone.losses import total_loss
 from allinone.models.clip_prompt import (
     TINY_CLIP,
     FrozenImageTower,
@@ -24,6 +23,7 @@ from allinone.models.clip_prompt import (
 )
 from allinone.models.perceiver import TINY_VAE
 from allinone.models.weights import load_state_file
+from allinone.train.losses import total_loss
 
 PRIOR_MODELS = ["clip_prompt", "perceiver"]
 

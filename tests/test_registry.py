@@ -16,8 +16,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from allinone.registry import CHALLENGER, CHAMPION, log_and_register
-from allinone.resolve import resolve_model
+from allinone.tracking.registry import CHALLENGER, CHAMPION, log_and_register
+from allinone.tracking.resolve import resolve_model
 from conftest import allinone_cli
 from test_resolve import RecordedRun, record_run
 

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from allinone.report import _number
+from allinone.tracking.report import _number
 from test_resolve import RecordedRun, record_run
 
 CHROMIUM = shutil.which("chromium")

@@ -16,13 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from allinone import evaluate, tracking
 from allinone.config import Pipeline, load_pipeline, resolve_source
-from allinone.curriculum import _split_source, plan_stages, shard_folder
-from allinone.registry import build_from_pipeline, log_and_register
-from allinone.resolve import ResolveError, resolve_model, write_model_card
-from allinone.run import _log_config, _log_continual, _score_stage, _summarise
-from allinone.shards import BuildRequest, build_shards
+from allinone.curriculum.plan import plan_stages
+from allinone.curriculum.run import _final_scores, _log_config
+from allinone.curriculum.scoring import score_stage
+from allinone.curriculum.shards import _split_source
+from allinone.data.shards import BuildRequest, build_shards, shard_folder
+from allinone.evaluate import scoring as evaluate
+from allinone.evaluate.continual import log_continual
+from allinone.tracking import runs as tracking
+from allinone.tracking.registry import log_and_register
+from allinone.tracking.resolve import ResolveError, resolve_model, write_model_card
 from test_curriculum import write_pipeline
 
 
@@ -42,7 +46,7 @@ def record_run(folder: Path, name: str, tasks=("denoise",), steps: int = 3) -> R
     workdir, uri = folder / "work", tracking.default_tracking_uri(folder / "work")
     _build_test_shards(pipeline, workdir)
     torch.manual_seed(0)
-    model = build_from_pipeline(pipeline)
+    model = pipeline.config.model_spec.build()
     # Artifacts beside the store, not in ./mlruns of whatever folder the tests run from.
     mlflow.set_tracking_uri(uri)
     mlflow.create_experiment(name, artifact_location=(workdir / "artifacts").as_uri())
@@ -55,14 +59,14 @@ def record_run(folder: Path, name: str, tasks=("denoise",), steps: int = 3) -> R
                 weights = _fine_tune(model, pipeline, workdir, stage)
                 write_model_card(weights, pipeline.config, stage.name)
                 mlflow.log_params({"stage.index": stage.index, "checkpoint": str(weights)})
-                scores = _score_stage(pipeline, workdir / "shards", weights, [stage_id, parent_id])
+                scores = score_stage(pipeline, workdir / "shards", weights, [stage_id, parent_id])
                 for task, score in scores.items():
                     mlflow.log_metrics(score.as_metrics(f"test/{task}"))
             matrix[stage.name] = {task: score.psnr for task, score in scores.items()}
             stage_ids[stage.name] = stage_id
-        summary = _summarise(pipeline, matrix)
+        summary = {"matrix": matrix, "final": _final_scores(matrix)}
         mlflow.log_metrics(summary["final"])
-        _log_continual(pipeline, matrix)
+        log_continual(matrix, [s.tasks for s in plan_stages(pipeline)], pipeline.config.tasks)
         tracking.log_json(summary, "results/summary.json")
     return RecordedRun(pipeline, workdir, uri, parent_id, stage_ids, weights, summary)
 
@@ -111,7 +115,7 @@ def _output(module: torch.nn.Module) -> np.ndarray:
 
 
 def _reference(recorded: RecordedRun) -> np.ndarray:
-    model = build_from_pipeline(recorded.pipeline)
+    model = recorded.pipeline.config.model_spec.build()
     model.load_state_dict(torch.load(recorded.weights, weights_only=True))
     return _output(model.eval())
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from allinone.cli.restore import RestoreError, RestoreJob, restore_images
 from allinone.config import load_pipeline
-from allinone.images import read_image, to_uint8
-from allinone.metrics import to_image, to_tensor
-from allinone.registry import build_from_pipeline
-from allinone.resolve import resolve_model, write_model_card
-from allinone.restore import RestoreError, RestoreJob, restore_images
+from allinone.data.images import read_image, to_uint8
+from allinone.evaluate.metrics import to_image, to_tensor
+from allinone.tracking.resolve import resolve_model, write_model_card
 from conftest import TEST_SETS, allinone_cli
 from test_curriculum import write_pipeline
 
@@ -30,7 +29,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     weights = folder / "stages" / "stage2-dehaze" / "model.pt"
     weights.parent.mkdir(parents=True)
-    torch.save(build_from_pipeline(pipeline).state_dict(), weights)
+    torch.save(pipeline.config.model_spec.build().state_dict(), weights)
     write_model_card(weights, pipeline.config, "stage2-dehaze")
     return weights
 

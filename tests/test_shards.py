@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from allinone.config import load_task
-from allinone.images import decode_image_bytes, read_image
-from allinone.metrics import psnr
-from allinone.shards import (
+from allinone.data.images import decode_image_bytes, read_image
+from allinone.data.shards import (
     BuildRequest,
     ShardError,
     build_shards,
@@ -25,6 +24,7 @@ from allinone.shards import (
     shard_urls,
     verify_shards,
 )
+from allinone.evaluate.metrics import psnr
 from conftest import CLEAN_PHOTOS, REPO, TEST_SETS
 
 PHOTOS = sorted(CLEAN_PHOTOS.glob("*.jpg"))[:3]
@@ -294,7 +294,7 @@ KILL_MID_SHARD = """
 import os, signal, sys
 from pathlib import Path
 from allinone.config import load_task
-from allinone.shards import BuildRequest, encode_samples, plan_samples, write_shard
+from allinone.data.shards import BuildRequest, encode_samples, plan_samples, write_shard
 
 task, source, out = sys.argv[1:4]
 request = BuildRequest(load_task(Path(task)), "train", source, Path(out), 2)

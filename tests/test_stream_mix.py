@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from allinone.config import load_task
-from allinone.shards import BuildRequest, build_shards
-from allinone.stream import (
+from allinone.data.shards import BuildRequest, build_shards
+from allinone.data.stream import (
     StreamPlan,
     TaskShards,
     augment,

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from allinone.config import ConfigError, load_pipeline
-from allinone.tune import apply_values, decode, plan_resources
+from allinone.tune.study import apply_values, decode, plan_resources
 from conftest import REPO, allinone_cli
 
 STUDY = """

@@ -1,3 +1,3 @@
-from allinone.cli import main
+from allinone.cli.main import main
 
 main()

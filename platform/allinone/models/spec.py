@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from allinone.models.base import DEFAULT_TASKS, RestorationModel
@@ -25,6 +26,14 @@ class ModelSpec:
         from allinone.models import build
 
         return build(self.name, self.preset, task_names=self.task_names, **dict(self.overrides))
+
+    def load(self, weights: str | Path) -> RestorationModel:
+        """The network with the weights of a local state-dict file (strict), in eval mode."""
+        from allinone.models.weights import load_state_file
+
+        model = self.build()
+        load_state_file(model, weights, self.name)
+        return model.eval()
 
     def to_json(self) -> dict[str, Any]:
         return {

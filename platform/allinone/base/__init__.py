@@ -1,0 +1,1 @@
+"""Small helpers every stage shares: atomic file writes and one-line error messages."""

@@ -1,0 +1,601 @@
+"""The ``allinone`` command: verbs grouped by what they act on.
+
+Every user-facing error (a bad config, a refused image, a missing shard) is printed as one line
+naming the file and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from allinone.config import ConfigError, load_pipeline, load_task, resolve_source
+from allinone.data.images import ImageReadError
+from allinone.data.shards import ShardError
+from allinone.data.sources import SourceError
+
+USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Errors of the heavier modules are imported only when a command got that far.
+    from allinone.cli.restore import RestoreError
+    from allinone.cluster.jobs import JobError
+    from allinone.cluster.ray import ClusterError
+    from allinone.curriculum.state import CurriculumError
+    from allinone.evaluate.suites import EvalError
+    from allinone.evaluate.testsets import EvalDataError
+    from allinone.tracking.report import ReportError
+    from allinone.tracking.resolve import ResolveError
+    from allinone.tracking.runs import TrackingError
+    from allinone.tune.study import StudyError
+
+    return (
+        *USER_ERRORS,
+        CurriculumError,
+        ClusterError,
+        TrackingError,
+        JobError,
+        EvalError,
+        EvalDataError,
+        ResolveError,
+        RestoreError,
+        ReportError,
+        StudyError,
+    )
+
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help=__doc__.splitlines()[0],
+)
+shards_app = typer.Typer(no_args_is_help=True, help="Build and verify WebDataset shards.")
+models_app = typer.Typer(no_args_is_help=True, help="The model zoo.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate task and pipeline configs.")
+app.add_typer(shards_app, name="shards")
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except _user_errors() as err:
+        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- shards
+@shards_app.command("build")
+def shards_build(
+    task_yaml: Annotated[Path, typer.Argument(help="A task config, e.g. tasks/denoise.yaml")],
+    out: Annotated[Path, typer.Option(help="Folder for this task split's shards")],
+    source: Annotated[
+        str | None,
+        typer.Option(help="'skimage', a folder of clean images, or a paired dataset's root"),
+    ] = None,
+    split: Annotated[str, typer.Option(help="train or test")] = "train",
+    samples_per_shard: Annotated[int, typer.Option(min=1)] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Shards built in parallel")] = 1,
+    skip_bad: Annotated[bool, typer.Option(help="Record refused files and go on")] = False,
+) -> None:
+    """Degrade (or pair) a task's images into WebDataset shards plus a manifest.json."""
+    from allinone.cli.progress import build_with_progress
+    from allinone.data.shards import BuildRequest
+
+    if split not in ("train", "test"):
+        raise typer.BadParameter("must be 'train' or 'test'", param_hint="--split")
+    task = load_task(task_yaml)
+    request = BuildRequest(
+        task, split, _source(task_yaml, task, split, source), out, samples_per_shard, seed, skip_bad
+    )
+    manifest = build_with_progress(request, workers, console)
+    console.print(
+        f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out}"
+        + (f"; {len(manifest['skipped'])} files skipped" if manifest["skipped"] else "")
+    )
+
+
+def _source(task_yaml: Path, task, split: str, given: str | None) -> str:
+    if given is not None:
+        return str(resolve_source(given, Path.cwd(), "--source", "--source"))
+    configured = task.split(split).source
+    if configured is None:
+        raise ConfigError(task_yaml, f"{split}.source", "no source configured: pass --source DIR")
+    return str(resolve_source(configured, task_yaml.resolve().parent, task_yaml, f"{split}.source"))
+
+
+@shards_app.command("verify")
+def shards_verify(
+    folder: Annotated[Path, typer.Argument(help="A shard folder (searched recursively)")],
+) -> None:
+    """Re-check counts, sha256 hashes, and that every sample decodes into an equal-size pair."""
+    from allinone.data.shards import verify_shards
+
+    report = verify_shards(folder)
+    for problem in report.problems:
+        errors.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{report.manifests} manifests, {report.shards} shards, {report.samples} samples: "
+        + ("[red]FAILED[/]" if report.problems else "[green]OK[/]")
+    )
+    if report.problems:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- models
+@models_app.command("list")
+def models_list() -> None:
+    """Every model with its presets and parameter counts."""
+    from allinone.models import MODELS, parameter_counts
+
+    table = Table("model", "preset", "parameters", "trainable", "description")
+    for name, entry in sorted(MODELS.items()):
+        for preset in entry.presets:
+            total, trainable = parameter_counts(name, preset)
+            table.add_row(name, preset, f"{total:,}", f"{trainable:,}", entry.description)
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- configs
+@config_app.command("check")
+def config_check(
+    paths: Annotated[list[Path], typer.Argument(help="Task or pipeline YAML files")],
+) -> None:
+    """Validate configs; a file with a ``kind`` field is a task, one with ``curriculum`` or
+    ``model`` a pipeline, wherever it lives."""
+    from allinone.config import load_yaml
+
+    for path in paths:
+        data = load_yaml(path)
+        if "kind" in data:
+            load_task(path)
+        elif "curriculum" in data or "model" in data:
+            load_pipeline(path)
+        else:
+            raise ConfigError(
+                path,
+                "",
+                "neither a task (no 'kind' field) nor a pipeline (no 'curriculum' or 'model')",
+            )
+        console.print(f"{path}: [green]ok[/]")
+
+
+# --------------------------------------------------------------------------- running
+LocalTrackingUri = Annotated[
+    str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
+]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")]
+
+
+@app.command("run")
+def run(
+    pipeline_yaml: Annotated[
+        Path, typer.Argument(help="A pipeline, e.g. pipelines/quickstart.yaml")
+    ],
+    workdir: Annotated[Path | None, typer.Option(help="Default: ./runs/<pipeline name>")] = None,
+    tracking_uri: LocalTrackingUri = None,
+    address: RayAddress = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
+) -> None:
+    """Run a whole curriculum: shards, stages, evaluation, registration."""
+    from allinone.curriculum.run import run_pipeline
+    from allinone.curriculum.state import RunOptions
+
+    pipeline = load_pipeline(pipeline_yaml)
+    options = RunOptions(
+        workdir or Path("runs") / pipeline.config.name, tracking_uri, address, resume
+    )
+    summary = run_pipeline(pipeline, options, say=console.print)
+    _print_matrix(summary)
+
+
+def _print_matrix(summary) -> None:
+    tasks = summary.tasks
+    table = Table("stage", *tasks, title="PSNR (dB) on each task's test split after each stage")
+    for stage, scores in summary.matrix.items():
+        table.add_row(stage, *(f"{scores[t]:.2f}" for t in tasks))
+    console.print(table)
+    console.print(f"average PSNR after the last stage: {summary.average_psnr:.2f} dB")
+
+
+# --------------------------------------------------------------------------- tuning
+@app.command("tune")
+def tune(
+    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline with a tune: block")],
+    workdir: Annotated[
+        Path | None, typer.Option(help="Default: ./runs/<pipeline name>-tune")
+    ] = None,
+    tracking_uri: LocalTrackingUri = None,
+    address: RayAddress = None,
+    resume: Annotated[bool, typer.Option(help="Continue the study in --workdir")] = False,
+) -> None:
+    """Search the pipeline's tune: space with Ray Tune; register the best trial's model."""
+    from allinone.tune.study import StudyOptions, run_study, table_rows
+
+    pipeline = load_pipeline(pipeline_yaml)
+    options = StudyOptions(
+        workdir or Path("runs") / f"{pipeline.config.name}-tune", tracking_uri, address, resume
+    )
+    result = run_study(pipeline, options, say=console.print)
+    header, *body = table_rows(result)
+    table = Table(*header, title=f"{len(body)} trials, {result.trial_steps} curriculum steps")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    best = result.best()
+    if best is None:
+        errors.print("no trial completed its curriculum: nothing registered", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"best: trial {best.trial}, {result.metric} {best.metric:.3f}", highlight=False)
+    if result.registered:
+        console.print(result.registered.line(), highlight=False)
+
+
+# --------------------------------------------------------------------------- cluster jobs
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster.")
+app.add_typer(jobs_app, name="jobs")
+
+Address = Annotated[
+    str | None,
+    typer.Option(
+        help="The cluster's dashboard, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
+        "then $RAY_ADDRESS"
+    ),
+]
+
+
+@app.command("submit")
+def submit(
+    pipeline_yaml: Annotated[Path, typer.Argument(help="A pipeline inside this project")],
+    address: Address = None,
+    workdir: Annotated[
+        str | None,
+        typer.Option(
+            help="On the cluster; absolute on storage every node mounts for multi-node runs. "
+            "Default: runs/<job id> in the job's own (scratch) working directory"
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow server the job logs to; default: SQLite in the job's workdir"),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for the job, repeatable, e.g. ALLINONE_DATA=/mnt/data"),
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends")] = True,
+    tune: Annotated[
+        bool, typer.Option("--tune", help="Run the pipeline's tune: study (`allinone tune`)")
+    ] = False,
+) -> None:
+    """Run a pipeline (or, with --tune, its study) on a Ray cluster through the Ray Jobs API."""
+    from allinone.cluster import jobs as cluster
+    from allinone.tune.study import StudyError
+
+    pipeline = load_pipeline(pipeline_yaml)
+    if tune and pipeline.config.tune is None:
+        raise StudyError(f"{pipeline_yaml}: --tune needs a tune: block in the pipeline")
+    verb = "tune" if tune else "run"
+    client = cluster.connect(address)
+    job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []), verb)
+    at = f"--address {client.get_address()}"
+    console.print(
+        f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"
+        f"  logs:   allinone jobs logs {job_id} {at} --follow",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if wait:
+        _follow(client, job_id)
+
+
+def _job_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def _follow(client, job_id: str) -> None:
+    from allinone.cluster import jobs as cluster
+
+    try:
+        info = cluster.follow(client, job_id)
+    except KeyboardInterrupt:
+        errors.print(
+            f"stopped following; job {job_id} goes on (allinone jobs stop {job_id} to end it)",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+    console.print(
+        f"job {job_id}: {_status_line(info)}", highlight=False, markup=False, soft_wrap=True
+    )
+    if str(info.status) != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: Annotated[str, typer.Argument(help="A submission id")], address: Address = None
+) -> None:
+    """A job's status and Ray's message about it."""
+    from allinone.cluster import jobs as cluster
+
+    info = cluster.job_info(cluster.connect(address), job_id)
+    console.print(f"{job_id}: {_status_line(info)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _status_line(info) -> str:
+    # A failed job's message ends with the last 20,000 characters of its logs: keep its first line.
+    message = (info.message or "").strip().splitlines()
+    return f"{info.status} ({message[0].rstrip(':,')})" if message else str(info.status)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="A submission id")],
+    address: Address = None,
+    follow: Annotated[bool, typer.Option(help="Stream until the job ends")] = False,
+) -> None:
+    """A job's driver output so far, or streamed until it ends with --follow."""
+    from allinone.cluster import jobs as cluster
+
+    client = cluster.connect(address)
+    if follow:
+        _follow(client, job_id)
+    else:
+        sys.stdout.write(cluster.job_logs(client, job_id))
+
+
+@jobs_app.command("list")
+def jobs_list(address: Address = None) -> None:
+    """Every job the cluster knows, oldest first."""
+    from rich.markup import escape
+
+    from allinone.cluster import jobs as cluster
+
+    table = Table()
+    for name in ("job", "status", "started"):  # whole, so that an id can be copied
+        table.add_column(name, no_wrap=True)
+    table.add_column("entrypoint")
+    for job in cluster.list_jobs(cluster.connect(address)):
+        table.add_row(
+            job.submission_id or job.job_id or "?",
+            str(job.status),
+            _time_of(job.start_time),
+            escape(job.entrypoint),
+        )
+    console.print(table)
+
+
+def _time_of(epoch_ms: int | None) -> str:
+    import datetime as dt
+
+    if not epoch_ms:
+        return ""
+    return dt.datetime.fromtimestamp(epoch_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="A submission id")], address: Address = None
+) -> None:
+    """Ask the cluster to stop a job."""
+    from allinone.cluster import jobs as cluster
+
+    stopped = cluster.stop_job(cluster.connect(address), job_id)
+    console.print(f"{job_id}: " + ("stopping" if stopped else "had already ended"), highlight=False)
+
+
+# --------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def eval_model(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A run id, a checkpoint path, or a registry URI (models:/allinone@champion)"
+        ),
+    ],
+    suite: Annotated[
+        str, typer.Option(help="all-in-one, zero-shot, few-shot or all")
+    ] = "all-in-one",
+    tasks: Annotated[
+        list[str] | None, typer.Option(help="Only these tasks (repeatable, or comma-separated)")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Folder of standard test sets (CBSD68, Rain100L, SOTS, GoPro, LOL)"),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store to resolve the model in and log results to")
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also score classical methods (TV, NLM, dark channel)")
+    ] = False,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Per test set")] = None,
+    tile: Annotated[
+        int | None, typer.Option(min=32, help="Restore larger images in tiles of this size")
+    ] = None,
+    k: Annotated[list[int] | None, typer.Option(min=1, help="Few-shot pairs (repeatable)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Few-shot fine-tuning steps")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Few-shot learning rate")] = None,
+    tasks_dir: Annotated[
+        Path | None, typer.Option(help="Task configs; default: this project's tasks/")
+    ] = None,
+) -> None:
+    """Score a model: all-in-one on its trained tasks, zero-/few-shot on unseen ones."""
+    from allinone.evaluate.scoring import suites as ev
+
+    if suite not in ev.SUITE_CHOICES:
+        raise ev.EvalError(
+            f"--suite: unknown suite {suite!r} (known: {', '.join(ev.SUITE_CHOICES)})"
+        )
+    plan = _eval_plan(
+        model, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr
+    )
+    requested = [t for item in tasks or [] for t in item.split(",") if t] or None
+    plan.say = lambda line: errors.print(line, highlight=False, markup=False)
+    results = ev.run_suites(plan, [suite], requested)
+    if tracking_uri:
+        _log_eval(results, tracking_uri, model, suite)
+    _print_results(results)
+
+
+def _eval_plan(model_ref, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr):
+    from allinone.config import EvalSection, FewShotSection
+    from allinone.evaluate.suites import EvalPlan, default_tasks_dir, load_catalog
+    from allinone.tracking.resolve import resolve_model
+
+    resolved = resolve_model(model_ref, tracking_uri)
+    config = resolved.pipeline
+    settings = config.eval if config else EvalSection()
+    overrides = {name: v for name, v in {"k": k, "steps": steps, "lr": lr}.items() if v}
+    few_shot = FewShotSection(**(settings.few_shot.model_dump() | overrides))
+
+    return EvalPlan(
+        model=resolved.module,
+        trained=tuple(resolved.task_names),
+        catalog=load_catalog(tasks_dir or default_tasks_dir()),
+        fresh=config.model_spec.build if config else None,
+        data=data,
+        seed=config.seed if config else 0,
+        max_images=max_images or settings.max_images,
+        tile=tile or settings.tile,
+        baselines=baselines,
+        few_shot=few_shot,
+        unseen_tasks=tuple(config.unseen_tasks) if config and config.unseen_tasks else None,
+    )
+
+
+def _log_eval(results, tracking_uri: str, model_ref: str, suite: str) -> None:
+    import mlflow
+
+    from allinone.evaluate.suites import log_results
+    from allinone.tracking import runs as tracking
+
+    experiment = tracking.connect(tracking_uri, "allinone-eval")
+    with tracking.run(None, experiment, f"eval {suite}") as run_id:
+        mlflow.log_params({"model": model_ref, "suite": suite})
+        log_results(results, run_id=run_id)
+    console.print(f"logged to MLflow run {run_id} ({tracking_uri})", highlight=False)
+
+
+def _print_results(results) -> None:
+    from allinone.evaluate.suites import few_shot_table
+
+    table = Table("suite", "task", "set", "method", "images", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y")
+    for r in results.rows:
+        if r.suite != "few-shot":
+            table.add_row(
+                r.suite,
+                r.task,
+                r.set,
+                r.method,
+                str(r.images),
+                f"{r.psnr:.2f}",
+                f"{r.ssim:.4f}",
+                f"{r.psnr_y:.2f}",
+                f"{r.ssim_y:.4f}",
+            )
+    if table.rows:
+        console.print(table)
+    shots = few_shot_table(results)
+    if shots:
+        pivot = Table(
+            "task",
+            "set",
+            "k",
+            "steps",
+            "zero-shot",
+            "few-shot",
+            "scratch",
+            title="Few-shot PSNR (dB) on held-out pairs",
+        )
+        for task, name, k, steps, zero, tuned, scratch in shots:
+            pivot.add_row(
+                task, name, str(k), str(steps), f"{zero:.2f}", f"{tuned:.2f}", f"{scratch:.2f}"
+            )
+        console.print(pivot)
+    for note in results.notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    for name, value in results.averages().items():
+        console.print(f"{name}: average PSNR {value:.2f} dB", highlight=False)
+
+
+# ------------------------------------------------------------------ registry, restore, report
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(help="MLflow store of the run or registry; default: $MLFLOW_TRACKING_URI"),
+]
+
+
+@app.command("register")
+def register(
+    run_id: Annotated[str, typer.Option(help="A finished curriculum (parent) run")],
+    name: Annotated[str, typer.Option(help="Registered model name")] = "allinone",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Register a finished run's model; it becomes @champion only if it beats the champion."""
+    from allinone.tracking.registry import register_run
+
+    console.print(register_run(run_id, tracking_uri, name).line(), highlight=False)
+
+
+@app.command("restore")
+def restore(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images")],
+    model: Annotated[str, typer.Option(help="A run id, a checkpoint path, or a registry URI")],
+    out: Annotated[Path, typer.Option(help="Folder for the restored PNGs")],
+    task: Annotated[
+        str, typer.Option(help="'auto' (the model decides) or a task the model was trained on")
+    ] = "auto",
+    tile: Annotated[
+        int | None, typer.Option(min=32, help="Restore larger images in tiles of this size")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Restore images of any size with a trained model; unreadable files are skipped."""
+    from allinone.cli.restore import RestoreJob, restore_images
+    from allinone.tracking.resolve import resolve_model
+
+    job = RestoreJob.plan(inputs, out, task, tile, overwrite)
+    resolved = resolve_model(model, tracking_uri)
+    report = restore_images(resolved, job, console)
+    for path, reason in report.failed:
+        errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"{len(report.written)} restored -> {out}"
+        + (f"; {len(report.failed)} failed" if report.failed else ""),
+        highlight=False,
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report(
+    run_id: Annotated[str, typer.Argument(help="A curriculum (parent) run")],
+    out: Annotated[Path, typer.Option(help="The HTML page to write")] = Path("report.html"),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """One self-contained HTML page of a run: config, scores, stage matrix, losses, grids."""
+    from allinone.tracking.report import write_report
+
+    write_report(run_id, out, tracking_uri)
+    console.print(f"report of run {run_id} -> {out}", highlight=False)

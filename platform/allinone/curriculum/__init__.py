@@ -1,0 +1,1 @@
+"""The whole run: stage plans, run state, fitting a stage, scoring it, and the curriculum."""

@@ -1,0 +1,147 @@
+"""Fitting one stage: a Ray Train TorchTrainer of DeepSpeed workers fed by the stage's stream.
+
+A stage's Ray Train run keeps its checkpoints under the work directory, so a restarted worker (or
+a resumed driver) continues from the last one; the stage's final weights are copied out to
+``stages/<stage>/model.pt``, which the next stage starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from allinone.base.errors import first_line
+from allinone.config import Pipeline
+from allinone.curriculum.plan import Stage, eval_splits, is_last, stage_plan
+from allinone.curriculum.state import CurriculumError, RunOptions, RunState
+from allinone.data.stream import shuffle_buffer_rows, train_data_config, training_dataset
+from allinone.train.job import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob
+from allinone.train.loop import train_stage
+
+
+@dataclass
+class StageResult:
+    weights: Path
+    steps: int
+
+
+def fit_stage(
+    pipeline: Pipeline,
+    options: RunOptions,
+    stage: Stage,
+    state: RunState,
+    init_weights: Path | None,
+    tracking_uri: str,
+    run_id: str,
+) -> StageResult:
+    """Train one stage under Ray Train; returns the stage's final weights in the work dir."""
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = pipeline.config
+    train = config.train
+    workdir = options.workdir.resolve()
+    run_name = f"{config.name}-{stage.name}-{state.attempt}"
+    status_dir = workdir / "ray" / run_name
+    (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
+    plan = stage_plan(pipeline, options.shard_root, stage)
+    dataset = training_dataset(plan)
+    job = StageJob(
+        stage=stage.index,
+        stage_name=stage.name,
+        steps=stage.steps,
+        model=config.model_spec,
+        train=train,
+        batch_size=config.data.batch_size,
+        seed=config.seed + 1000 * stage.index,
+        init_weights=str(init_weights) if init_weights else None,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        status_dir=str(status_dir.resolve()),
+        step_offset=stage.offset,
+        curve_run_id=state.parent_run_id,
+        eval_splits=eval_splits(pipeline, options.shard_root) if train.eval_every else (),
+        eval_images=config.eval.max_images,
+        eval_tile=config.eval.tile,
+        shuffle_rows=shuffle_buffer_rows(plan, config.data.batch_size),
+        hold_final_scores=options.hold_final_scores and is_last(pipeline, stage),
+        fault=options.fault,
+    )
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=WORKER_RESOURCES,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str((workdir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Our own lines say stage, step, loss and samples/s; Ray Train's INFO lines
+            # (every checkpoint persisted, every report) would bury them.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(options.train_callbacks),
+        ),
+        datasets={"train": dataset},
+        dataset_config=train_data_config(dataset, train.num_workers),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; the user needs the first lines of the cause
+        raise CurriculumError(
+            f"stage {stage.name} failed after {train.max_failures} restarts: {_cause(err)}"
+        ) from err
+    return _collect(result, workdir, stage, status_dir)
+
+
+def _cause(err: BaseException) -> str:
+    """The line of a Ray-wrapped worker error that names the real exception (the last
+    ``...Error`` line of the traceback Ray includes), else its first line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line and not line.startswith(" ")]
+    return errors[-1][:500] if errors else first_line(err, 500)
+
+
+# One logical CPU per worker; the driver starts Ray with spare logical CPUs for Ray Data's
+# readers (with none left, a 2-worker run deadlocks). Threads are set separately.
+WORKER_RESOURCES = {"CPU": 1.0}
+
+
+def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResult:
+    metrics = result.metrics or {}
+    verdict = status_dir / NONFINITE_FILE
+    if verdict.is_file():
+        failure = json.loads(verdict.read_text())
+        kept = (
+            f"; the last good checkpoint is kept: {result.checkpoint.path}"
+            if result.checkpoint
+            else ""
+        )
+        raise CurriculumError(
+            f"stage {stage.name}: loss became non-finite ({failure['loss']}) at "
+            f"step {failure['step']}{kept}"
+        )
+    if result.error:
+        raise CurriculumError(f"stage {stage.name} failed: {result.error}")
+    if result.checkpoint is None or not metrics.get("final"):
+        raise CurriculumError(f"stage {stage.name}: training ended without its final checkpoint")
+    target = workdir / "stages" / stage.name
+    with result.checkpoint.as_directory() as folder:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_FILE, STATE_FILE):
+            shutil.copy2(Path(folder) / name, target / f".{name}.part")
+            os.replace(target / f".{name}.part", target / name)
+    return StageResult(target / WEIGHTS_FILE, int(metrics["step"]))

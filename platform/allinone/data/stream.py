@@ -1,0 +1,274 @@
+"""The training stream: each task's shards decoded, cropped, flipped and mixed by weight (Ray Data).
+
+Reading a shard, decoding and cropping happen in ONE Ray task per shard (``from_items`` of shard
+reads, ``flat_map`` to crops). The stock ``read_webdataset`` materialises every full-size decoded
+image in the object store before the crop; measured on 2 cores it streams at about 40% of this
+(DESIGN.md; ``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays travel.
+
+A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
+given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
+loop would pay it again and again.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from allinone.data.images import decode_image_bytes, to_uint8
+from allinone.data.shards import iter_tar_samples, read_manifest
+
+SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
+READ_AHEAD_BLOCKS = 16  # shard reads (blocks) decoded ahead of the trainer; see read_ahead_bytes
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class TaskShards:
+    name: str
+    task_id: int
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    turns: bool = True  # 90-degree turns among the augmentations (TaskConfig.turns_in_training)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything needed to build one stage's stream; plain data, picklable to the cluster."""
+
+    tasks: tuple[TaskShards, ...]
+    weights: dict[str, float]
+    crop: int
+    samples: int  # samples the stage consumes (steps x batch x workers)
+    seed: int
+
+
+def task_shards(
+    folder: Path, task: str, task_id: int, split: str = "train", turns: bool = True
+) -> TaskShards:
+    """A built task split's shards (via its manifest), in order."""
+    from allinone.data.shards import shard_urls
+
+    urls = shard_urls(folder, task, split)  # raises a clear error when missing or incomplete
+    manifest = read_manifest(folder, task, split) or {}
+    counts = tuple(s["count"] for s in manifest["shards"] if s and s["count"])
+    return TaskShards(task, task_id, tuple(urls), counts, turns)
+
+
+def plan_reads(plan: StreamPlan) -> list[dict[str, Any]]:
+    """Shard reads covering the budget (with ``SAFETY_MARGIN``), each task given its weight's
+    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, turns, seed}``: it
+    yields ``limit`` of its shard's ``samples``, turned by 90 degrees at random where ``turns``."""
+    total_weight = sum(plan.weights.get(t.name, 1.0) for t in plan.tasks)
+    rng = np.random.default_rng(plan.seed)
+    reads = []
+    for task in plan.tasks:
+        share = plan.weights.get(task.name, 1.0) / total_weight
+        reads += _task_reads(task, math.ceil(plan.samples * share * SAFETY_MARGIN), rng)
+    order = rng.permutation(len(reads))
+    return [{**reads[i], "seed": int(plan.seed * 1_000_003 + n)} for n, i in enumerate(order)]
+
+
+def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Reads of one task holding exactly ``wanted`` samples, the last one cut to what is still
+    wanted: planning in whole shards with a full pass per task turned a 9:1 mix at a small budget
+    into 2:1. Each pass takes the shards in a fresh seeded order, so a share below one pass draws
+    on any shard, not always the first ones."""
+    reads = []
+    while wanted > 0 and task.samples:
+        for i in rng.permutation(len(task.urls)):
+            count = task.counts[i]
+            take = min(wanted, count)
+            reads.append(
+                {
+                    "url": task.urls[i],
+                    "task_id": task.task_id,
+                    "samples": count,
+                    "limit": take,
+                    "turns": task.turns,
+                }
+            )
+            wanted -= take
+            if not wanted:
+                break
+    return reads
+
+
+def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
+    """One shard read: ``limit`` of its samples (a seeded random subset) decoded, randomly
+    cropped, mirrored and turned, as uint8 HxWx3."""
+    rng = np.random.default_rng(read["seed"])
+    keep = _kept_indices(read["samples"], read["limit"], rng)
+    rows = []
+    for index, (key, members) in enumerate(iter_tar_samples(Path(read["url"]))):
+        if index not in keep:
+            continue
+        lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")
+        gt = decode_rgb8(members["gt.png"], f"{read['url']}:{key}")
+        lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng, read["turns"])
+        rows.append({"lq": lq, "gt": gt, "task_id": read["task_id"]})
+    return rows
+
+
+def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int]:
+    if limit >= samples:
+        return set(range(samples))
+    return {int(i) for i in rng.choice(samples, size=limit, replace=False)}
+
+
+def decode_rgb8(data: bytes, name: str) -> np.ndarray:
+    """A shard member as uint8 HxWx3. Shards hold 8-bit RGB PNGs (``encode_png``): those decode
+    straight to uint8, skipping the float image, which cost about 1 of every 6 ms a sample took
+    (benchmarks/data_pipeline.py). Anything else takes the general path; both give equal pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION) in (None, 1):
+                return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass  # the general path raises the error that names the member
+    return to_uint8(decode_image_bytes(data, name))
+
+
+def pad_to(image: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad an image smaller than the crop (kept whole in its shard) up to the crop size."""
+    h, w = image.shape[:2]
+    if h >= size and w >= size:
+        return image
+    pad = ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0))
+    mode = "reflect" if size - h < h and size - w < w else "symmetric"
+    return np.pad(image, pad, mode=mode) if min(h, w) > 1 else np.pad(image, pad, mode="edge")
+
+
+def augment(
+    lq: np.ndarray, gt: np.ndarray, crop: int, rng: np.random.Generator, turns: bool = True
+):
+    """The same random window, mirror and (where ``turns``) 90-degree turn on both sides."""
+    h, w = lq.shape[:2]
+    top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    lq, gt = lq[top : top + crop, left : left + crop], gt[top : top + crop, left : left + crop]
+    if rng.random() < 0.5:
+        lq, gt = lq[:, ::-1], gt[:, ::-1]
+    quarter_turns = int(rng.integers(0, 4)) if turns else 0
+    # Contiguous copies: torch refuses to wrap the read-only strided views rot90 and flips give.
+    return (
+        np.ascontiguousarray(np.rot90(lq, quarter_turns)),
+        np.ascontiguousarray(np.rot90(gt, quarter_turns)),
+    )
+
+
+def training_dataset(plan: StreamPlan):
+    """The stage's Ray Dataset of ``{lq, gt: uint8 (crop, crop, 3), task_id: int}`` rows."""
+    import ray.data
+
+    reads = plan_reads(plan)
+    dataset = ray.data.from_items(reads, override_num_blocks=len(reads)).flat_map(
+        read_crops, fn_kwargs={"crop": plan.crop}
+    )
+    # Unbounded, Ray Data decodes the whole planned pass as fast as it can until its share of the
+    # object store (GiBs) is full: on 2 cores, with a consumer taking 16 samples/s, the readers kept
+    # 1-1.7 cores busy and the store grew 8-18 MiB/s for as long as it was watched, all of it taken
+    # from training. Bounded, they decode about what training takes (benchmarks/data_pipeline.py).
+    # Ray Train replaces a dataset's execution options with its DataConfig's: pass
+    # ``train_data_config(dataset)`` as the TorchTrainer's ``dataset_config``.
+    context = dataset.context
+    limit = read_ahead_bytes(plan)
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=limit
+    )
+    context.custom_execution_callback_classes = [
+        *context.custom_execution_callback_classes,
+        IdleBackoff,
+    ]
+    return dataset
+
+
+MIXED_READS = 8  # shard reads a worker's shuffle buffer mixes: a read is one task's samples
+
+
+def shuffle_buffer_rows(plan: StreamPlan, batch_size: int) -> int:
+    """Rows of a worker's local shuffle buffer: enough to hold ``MIXED_READS`` shard reads, so
+    that a batch draws on several tasks. A read yields one shard of one task: with a buffer of
+    a few batches, whole runs of batches came from a single task (on the quickstart, mixing
+    eight reads lifted its final derain score by 0.6 dB at the same steps)."""
+    largest = max((count for task in plan.tasks for count in task.counts), default=1)
+    return max(4 * batch_size, MIXED_READS * largest)
+
+
+def train_data_config(dataset, workers: int = 1, name: str = "train"):
+    """Ray Train's ``DataConfig`` that keeps the stream's read-ahead bound (``READ_AHEAD_BLOCKS``
+    per Train worker): Train otherwise replaces a dataset's execution options with the driver's
+    defaults, unbounded. Measured with one worker taking 16 samples/s: readers busy 1.7 cores and
+    the object store growing 8 MiB/s without it; 0.3 cores and a flat store with it."""
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(dataset.context.execution_options)
+    limits = options.resource_limits
+    options.resource_limits = limits.copy(object_store_memory=limits.object_store_memory * workers)
+    return DataConfig(execution_options={name: options})
+
+
+def read_ahead_bytes(plan: StreamPlan) -> int:
+    """Object store Ray Data may fill ahead of the trainer: ``READ_AHEAD_BLOCKS`` shard reads."""
+    largest = max((count for task in plan.tasks for count in task.counts), default=1)
+    return READ_AHEAD_BLOCKS * largest * plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
+
+
+class IdleBackoff:
+    """Sleep a little after each step of Ray Data's scheduling loop that came back at once.
+
+    Ray 2.60's loop blocks in ``ray.wait`` on its running tasks, but once the read-ahead bound
+    holds them back their outputs are always "ready": the loop then spins about 1 ms a step and
+    keeps a core busy (measured: 0.9 of one, in the SplitCoordinator that serves a Train worker,
+    for as long as the trainer is slower than the readers; 0.05 with this). Implements Ray Data's
+    ``ExecutionCallback`` interface by duck typing: its base class lives in a private module."""
+
+    SPIN_S = 0.005  # a step this short waited for nothing
+    SLEEP_S = 0.05  # delays launching the next read by at most this; a read takes ~0.4 s
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def before_execution_starts(self, executor) -> None:
+        self.last = time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.SPIN_S:
+            time.sleep(self.SLEEP_S)
+            now = time.perf_counter()
+        self.last = now
+
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass
+
+
+def to_model_batch(batch: dict[str, Any], device: str = "cpu", dtype=None):
+    """uint8 NHWC tensors from ``iter_torch_batches`` to float NCHW in [0, 1]."""
+    import torch
+
+    dtype = dtype or torch.float32
+
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        return images.to(device).permute(0, 3, 1, 2).to(dtype).div_(255.0).contiguous()
+
+    return convert(batch["lq"]), convert(batch["gt"]), batch["task_id"].to(device).long()
+
+
+def describe(plan: StreamPlan) -> str:
+    return json.dumps({t.name: {"shards": len(t.urls), "samples": t.samples} for t in plan.tasks})

@@ -1,0 +1,217 @@
+"""Registered models: log a trained model to MLflow and move the ``champion`` alias only on merit.
+
+Models are logged pickled (not through ``torch.export``, MLflow 3's default, which fixes the input
+size) with this package shipped as code, so plain ``mlflow.pytorch.load_model`` returns a module
+that restores an image of any size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from allinone.config import Pipeline, PipelineConfig
+
+DEFAULT_NAME = "allinone"
+CHAMPION, CHALLENGER = "champion", "challenger"
+OBJECTIVE = "final/average_psnr"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered model version and the alias its score earned."""
+
+    name: str
+    version: str
+    alias: str  # champion or challenger
+    reason: str  # why that alias: "first model", "beats champion v2 (...)", ...
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def line(self) -> str:
+        return f"registered {self.name} v{self.version} as @{self.alias} ({self.reason})"
+
+
+def _signature():
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Any batch, any height and width: -1 marks every free dimension.
+    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))])
+    return ModelSignature(inputs=spec, outputs=spec)
+
+
+def log_and_register(
+    model: torch.nn.Module,
+    name: str,
+    metrics: dict[str, float],
+    suite: str,
+    score: float | None,
+    config: PipelineConfig | None = None,
+) -> Registration:
+    """Log ``model`` in the active run with its metrics, config, signature and requirements,
+    register a version under ``name``, and give it the alias its ``score`` on ``suite`` earned."""
+    import mlflow
+
+    package = Path(__file__).resolve().parent
+    info = mlflow.pytorch.log_model(
+        model.eval(),
+        name="model",
+        serialization_format="pickle",
+        code_paths=[str(package)],
+        signature=_signature(),
+        input_example=_input_example(),
+        registered_model_name=name,
+        pip_requirements=_requirements(),
+        # The resolver reads the pipeline back from here: a registered model needs no run.
+        metadata={
+            "pipeline": config.model_dump(mode="json") if config else None,
+            "task_names": list(getattr(model, "task_names", ())),
+            "eval_suite": suite,
+        },
+    )
+    if metrics:
+        mlflow.log_metrics(metrics, model_id=info.model_id)
+    version = str(info.registered_model_version)
+    return assign_alias(name, version, score, suite)
+
+
+def _input_example():
+    import numpy as np
+
+    # Small on purpose: the registry test restores a different size to prove nothing is fixed.
+    return np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    # What unpickling the model imports (this package ships as code beside it).
+    packages = (
+        "torch",
+        "torchvision",
+        "mlflow",
+        "numpy",
+        "scipy",
+        "pillow",
+        "pydantic",
+        "pyyaml",
+        "safetensors",
+        "open_clip_torch",
+        "diffusers",
+    )
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+def assign_alias(name: str, version: str, score: float | None, suite: str) -> Registration:
+    """``champion`` when ``score`` beats the champion's on the same suite, else ``challenger``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "eval_suite", suite)
+    if score is not None:
+        # repr round-trips: a rounded tag would let the same score "beat" itself.
+        client.set_model_version_tag(name, version, "average_psnr", repr(float(score)))
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    reason = _verdict(current, score, suite)
+    alias = CHAMPION if reason.startswith("beats") or reason == "first model" else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    return Registration(name, version, alias, reason)
+
+
+def _verdict(current, score: float | None, suite: str) -> str:
+    if current is None:
+        return "first model"
+    if score is None:
+        return "no score to compare"
+    if current.tags.get("eval_suite") != suite:
+        return f"champion was scored on another suite ({current.tags.get('eval_suite')})"
+    best = float(current.tags.get("average_psnr", "-inf"))
+    if score > best:
+        return f"beats champion v{current.version} ({score:.3f} > {best:.3f} dB)"
+    return f"does not beat champion v{current.version} ({score:.3f} <= {best:.3f} dB)"
+
+
+def register_weights(
+    pipeline: Pipeline,
+    weights: Path,
+    final: dict[str, float],
+    eval_averages: dict[str, float] | None = None,
+    name: str = DEFAULT_NAME,
+) -> Registration:
+    """Log a finished curriculum's final weights in the active run and register them, ranked on
+    the pipeline's suite (:func:`ranking`) by its final and evaluation scores."""
+    averages = {f"eval/{k}/average_psnr": v for k, v in (eval_averages or {}).items()}
+    metrics = {**final, **averages}
+    suite, score = ranking(pipeline.config, metrics)
+    model = pipeline.config.model_spec.load(weights)
+    return log_and_register(model, name, metrics, suite, score, pipeline.config)
+
+
+def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME) -> Registration:
+    """Register a finished curriculum run's model: its logged model when it has one, else its
+    final weights, logged now into the run with the run's final metrics."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from allinone.tracking.resolve import ResolveError, resolve_model
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise ResolveError(f"run {run_id} not found in {mlflow.get_tracking_uri()}") from None
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        raise ResolveError(f"run {run_id} is a stage of run {parent}: register the curriculum run")
+    if run.info.status != "FINISHED":
+        raise ResolveError(f"run {run_id} is {run.info.status}, not FINISHED: nothing to register")
+    resolved = resolve_model(run_id, tracking_uri)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("final/", "eval/"))}
+    if resolved.pipeline is None:
+        suite, score = "all-in-one:" + ",".join(resolved.task_names), metrics.get(OBJECTIVE)
+    else:
+        suite, score = ranking(resolved.pipeline, metrics)
+    if resolved.source.startswith("models:/"):  # logged earlier: register that very model
+        version = mlflow.register_model(resolved.source, name).version
+        return assign_alias(name, str(version), score, suite)
+    with mlflow.start_run(run_id=run_id):
+        return log_and_register(resolved.module, name, metrics, suite, score, resolved.pipeline)
+
+
+BENCHMARK_OBJECTIVE = "eval/all-in-one/average_psnr"
+
+
+def ranking(config: PipelineConfig, metrics: dict[str, float]) -> tuple[str, float | None]:
+    """The suite a run's model is ranked on, and its score there.
+
+    The all-in-one suite on the standard test sets when the pipeline evaluated on them
+    (``eval.data``), else the average over the tasks' test splits after the last stage. Two
+    models compare only on the same suite: its name carries the tasks and a fingerprint of what
+    decides the scores (test data, images per set, degradation seed)."""
+    import hashlib
+    import json
+
+    on_benchmarks = bool(config.eval.data) and BENCHMARK_OBJECTIVE in metrics
+    setup = {
+        "data": config.eval.data
+        if on_benchmarks
+        else [config.data.test_source, config.data.test_sources],
+        "max_images": config.eval.max_images,
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
+    kind = "benchmarks" if on_benchmarks else "test-splits"
+    suite = f"all-in-one:{','.join(config.tasks)}:{kind}-{digest}"
+    return suite, metrics.get(BENCHMARK_OBJECTIVE if on_benchmarks else OBJECTIVE)
