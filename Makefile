@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIPELINE ?= pipelines/quickstart.yaml
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/allinone run $(PIPELINE)
 
-test: $(VENV)/.installed-test
+# The report test renders a page in a real headless browser: Debian's chromium, installed here
+# where this user may (root with apt-get), otherwise named in one line before anything runs.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } || \
+	{ echo "make test needs chromium for tests/test_report.py: run 'sudo apt-get install chromium' (Debian/Ubuntu) and retry"; exit 1; }
+
+test: $(VENV)/.installed-test chromium
 	$(BIN)/ruff check platform tests benchmarks
 	$(BIN)/python -m pytest
 

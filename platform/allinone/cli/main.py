@@ -2,6 +2,9 @@
 
 Every user-facing error (a bad config, a refused image, a missing shard) is printed as one line
 naming the file and exits with status 2; anything else is a bug and keeps its traceback.
+
+Each verb imports the stages it drives inside its own function: ``allinone --help`` and
+``config check`` must not pay seconds for torch, Ray and MLflow they never use.
 """
 
 from __future__ import annotations
@@ -439,7 +442,7 @@ def eval_model(
     ] = None,
 ) -> None:
     """Score a model: all-in-one on its trained tasks, zero-/few-shot on unseen ones."""
-    from allinone.evaluate.scoring import suites as ev
+    from allinone.evaluate import suites as ev
 
     if suite not in ev.SUITE_CHOICES:
         raise ev.EvalError(

@@ -3,7 +3,7 @@
 Reading a shard, decoding and cropping happen in ONE Ray task per shard (``from_items`` of shard
 reads, ``flat_map`` to crops). The stock ``read_webdataset`` materialises every full-size decoded
 image in the object store before the crop; measured on 2 cores it streams at about 40% of this
-(DESIGN.md; ``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays travel.
+(``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays travel.
 
 A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
 given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from allinone.data.images import decode_image_bytes, to_uint8
-from allinone.data.shards import iter_tar_samples, read_manifest
+from allinone.data.shards import iter_tar_samples, read_manifest, shard_urls
 
 SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
 READ_AHEAD_BLOCKS = 16  # shard reads (blocks) decoded ahead of the trainer; see read_ahead_bytes
@@ -60,8 +59,6 @@ def task_shards(
     folder: Path, task: str, task_id: int, split: str = "train", turns: bool = True
 ) -> TaskShards:
     """A built task split's shards (via its manifest), in order."""
-    from allinone.data.shards import shard_urls
-
     urls = shard_urls(folder, task, split)  # raises a clear error when missing or incomplete
     manifest = read_manifest(folder, task, split) or {}
     counts = tuple(s["count"] for s in manifest["shards"] if s and s["count"])
@@ -268,7 +265,3 @@ def to_model_batch(batch: dict[str, Any], device: str = "cpu", dtype=None):
         return images.to(device).permute(0, 3, 1, 2).to(dtype).div_(255.0).contiguous()
 
     return convert(batch["lq"]), convert(batch["gt"]), batch["task_id"].to(device).long()
-
-
-def describe(plan: StreamPlan) -> str:
-    return json.dumps({t.name: {"shards": len(t.urls), "samples": t.samples} for t in plan.tasks})

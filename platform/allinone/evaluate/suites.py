@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from allinone.config import FewShotSection, TaskConfig, load_task
+from allinone.data.stream import augment
 from allinone.evaluate.baselines import BASELINES, baselines_for
+from allinone.evaluate.grids import log_grid
 from allinone.evaluate.scoring import Pair, Restorer, Sample, model_restorer, score_pairs
 from allinone.evaluate.testsets import (
     Discovery,
@@ -304,8 +306,6 @@ def fine_tune(
 def _crop_batch(pairs: list[Pair], crop: int, batch: int, rng: np.random.Generator):
     """``batch`` random crops drawn from the pairs, mirrored but never turned (the few shots may
     be rain), as (N, 3, c, c) tensors."""
-    from allinone.data.stream import augment
-
     size = min(crop, *(min(gt.shape[:2]) for _, _, gt in pairs))
     lqs, gts = [], []
     for _ in range(batch):
@@ -400,8 +400,6 @@ def metric_name(row: Row, column: str) -> str:
 def log_results(results: Results, grids: bool = True, run_id: str | None = None) -> None:
     """Metrics, the table (markdown and JSON) and one grid per task, to an MLflow run."""
     import mlflow
-
-    from allinone.evaluate.grids import log_grid
 
     metrics = {metric_name(r, c): getattr(r, c) for r in results.rows for c in COLUMNS}
     metrics |= {f"eval/{name}/average_psnr": v for name, v in results.averages().items()}

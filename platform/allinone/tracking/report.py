@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from allinone.base.files import write_atomic
+from allinone.evaluate.continual import StageMatrix, heatmap_png
 from allinone.evaluate.grids import GRIDS_DIR
 
 SCORE_COLUMNS = (("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_y", "PSNR-Y"), ("ssim_y", "SSIM-Y"))
@@ -168,8 +169,6 @@ def _task_table(data: RunData) -> str:
 
 
 def _matrix(data: RunData) -> str:
-    from allinone.evaluate.continual import StageMatrix, heatmap_png
-
     results = {
         s.info.run_name: {
             t: s.data.metrics[f"test/{t}/psnr"]

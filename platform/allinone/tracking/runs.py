@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow import MlflowClient
 
 from allinone.base.errors import first_line
 
@@ -104,7 +103,3 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
                 json.dumps(value, default=str)[:6000] if not isinstance(value, str) else value
             )
     return flat
-
-
-def run_status(uri: str, run_id: str) -> str:
-    return MlflowClient(uri).get_run(run_id).info.status

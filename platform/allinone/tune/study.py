@@ -40,7 +40,7 @@ from allinone.tracking import runs as tracking
 from allinone.tracking.registry import Registration, register_weights
 from allinone.train.job import CURRICULUM_STEP
 
-DATA_CPUS_PER_TRIAL = 1.0  # logical CPUs left free for each trial's Ray Data readers (DESIGN.md)
+DATA_CPUS_PER_TRIAL = 1.0  # logical CPUs left free for each trial's Ray Data readers
 # The trial's driver only orchestrates, and scores between stages while its workers are idle:
 # a token share, since Tune cannot place a trial that asks for nothing.
 DRIVER_CPUS_PER_TRIAL = 0.1
@@ -90,7 +90,7 @@ class Resources:
 
 def plan_resources(config: PipelineConfig, cluster: dict[str, float], local: bool) -> Resources:
     """Trials at once from the cluster's CPUs and GPUs: each trial's workers plus room for its
-    data readers (too few free CPUs for the readers deadlocks a trial, DESIGN.md). With Optuna,
+    data readers (too few free CPUs for the readers deadlocks a trial). With Optuna,
     at most one trial in four runs at once, so that most are suggested from finished ones."""
     study, train = config.tune, config.train
     per_trial = DRIVER_CPUS_PER_TRIAL + train.num_workers + DATA_CPUS_PER_TRIAL
