@@ -33,6 +33,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from allinone.curriculum.state import CurriculumError
     from allinone.evaluate.suites import EvalError
     from allinone.evaluate.testsets import EvalDataError
+    from allinone.models.checkpoint import CheckpointError
+    from allinone.models.importer import CheckpointImportError
     from allinone.tracking.report import ReportError
     from allinone.tracking.resolve import ResolveError
     from allinone.tracking.runs import TrackingError
@@ -50,6 +52,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RestoreError,
         ReportError,
         StudyError,
+        CheckpointError,
+        CheckpointImportError,
     )
 
 
@@ -140,15 +144,70 @@ def shards_verify(
 # --------------------------------------------------------------------------- models
 @models_app.command("list")
 def models_list() -> None:
-    """Every model with its presets and parameter counts."""
+    """Every model with its presets, parameter counts and, for the published networks, the
+    official count and whether the authors' released weights import."""
     from allinone.models import MODELS, parameter_counts
 
-    table = Table("model", "preset", "parameters", "trainable", "description")
+    table = Table("model", "preset", "parameters", "trainable", "official", "weights import")
     for name, entry in sorted(MODELS.items()):
         for preset in entry.presets:
             total, trainable = parameter_counts(name, preset)
-            table.add_row(name, preset, f"{total:,}", f"{trainable:,}", entry.description)
+            official = entry.official
+            official = official if official and official.preset == preset else None
+            table.add_row(
+                name,
+                preset,
+                f"{total:,}",
+                f"{trainable:,}",
+                f"{official.parameters:,}" if official else "",
+                _imports(official) if official else "",
+            )
     console.print(table)
+
+
+def _imports(official) -> str:
+    return "yes" if official.weights else "none released"
+
+
+@models_app.command("import")
+def models_import(
+    arch: Annotated[str, typer.Argument(help="A published architecture, e.g. promptir")],
+    checkpoint: Annotated[Path, typer.Argument(help="The authors' released file")],
+    out: Annotated[Path, typer.Option(help="Our checkpoint file to write, e.g. promptir.pt")],
+    preset: Annotated[
+        str | None, typer.Option(help="Default: the preset of the official release")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="mioir_explicit: the repository's data/type7.npy prompt maps"),
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(help="The tasks it was trained on, comma-separated (for eval and --task)"),
+    ] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Also register it in MLflow under this name")
+    ] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Turn an official released checkpoint into our checkpoint file, which every --model takes."""
+    from allinone.models.checkpoint import Checkpoint, save_checkpoint
+    from allinone.models.importer import import_official, prompt_maps
+
+    extra = prompt_maps(arch, prompts) if prompts else None
+    imported = import_official(arch, checkpoint, preset, extra)
+    if tasks:
+        spec = imported.spec.with_tasks(tuple(t.strip() for t in tasks.split(",") if t.strip()))
+        imported = Checkpoint(spec, imported.state_dict, imported.provenance)
+    imported.build()  # the task names fit the network (per-task prompts), or one line says why
+    save_checkpoint(out, imported)
+    console.print(
+        f"imported {arch} ({imported.spec.preset}) from {checkpoint} -> {out}", highlight=False
+    )
+    if register:
+        from allinone.tracking.registry import register_checkpoint
+
+        console.print(register_checkpoint(imported, register, tracking_uri).line(), highlight=False)
 
 
 # --------------------------------------------------------------------------- configs

@@ -118,6 +118,9 @@ class OfficialRelease:
     weights: str = ""
     unused: tuple[str, ...] = ()
     rename: Callable[[str], str] | None = None
+    # Our key for tensors the release keeps outside its checkpoint, read from a .npy file at
+    # import (MiOIR's explicit prompt maps, data/type7.npy); None where there are none.
+    prompts_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,14 @@ def is_checkpoint(payload: object) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
+def is_checkpoint_file(path: str | Path) -> bool:
+    """Whether ``path`` holds one of our checkpoints (a card and weights), read tensors-only."""
+    try:
+        return is_checkpoint(torch.load(path, map_location="meta", weights_only=True))
+    except Exception:  # not a torch file, or one weights_only refuses: not ours either way
+        return False
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:

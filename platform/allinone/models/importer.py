@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -215,3 +216,17 @@ def _describe(payload: object) -> str:
         keys = ", ".join(map(str, list(payload)[:5]))
         return f"a dict with keys {keys}" if keys else "an empty dict"
     return f"a {type(payload).__name__}"
+
+
+def prompt_maps(arch: str, path: str | Path) -> dict[str, Tensor]:
+    """The prompt maps a release keeps beside its checkpoint (a ``.npy`` array, read without
+    pickles), under our key for them."""
+    release = _release(arch)
+    if release.prompts_key is None:
+        raise CheckpointImportError(f"{path}: {arch} keeps no prompt maps outside its checkpoint")
+    try:
+        array = np.load(Path(path), allow_pickle=False)
+    except (OSError, ValueError) as error:
+        reason = _reason(error)
+        raise CheckpointImportError(f"{path}: not a readable .npy array ({reason})") from None
+    return {release.prompts_key: torch.from_numpy(np.ascontiguousarray(array)).float()}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allinone.models.base import DEFAULT_TASKS, RestorationModel
+from allinone.models.base import RestorationModel
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,19 @@ class ModelSpec:
     name: str
     preset: str = "tiny"
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    task_names: tuple[str, ...] = DEFAULT_TASKS
+    # The model's task ids, in order; None: the preset's own (a published preset may fix them,
+    # e.g. PIP's five classes in its label order), else MiOIR's seven.
+    task_names: tuple[str, ...] | None = None
 
     def build(self) -> RestorationModel:
         """The network with random init."""
         from allinone.models import build
 
-        return build(self.name, self.preset, task_names=self.task_names, **dict(self.overrides))
+        tasks = {} if self.task_names is None else {"task_names": tuple(self.task_names)}
+        return build(self.name, self.preset, **tasks, **dict(self.overrides))
+
+    def with_tasks(self, task_names: tuple[str, ...] | None) -> ModelSpec:
+        return ModelSpec(self.name, self.preset, self.overrides, task_names)
 
     def load(self, weights: str | Path) -> RestorationModel:
         """The network with the weights of a local state-dict file (strict), in eval mode."""
@@ -40,7 +46,7 @@ class ModelSpec:
             "name": self.name,
             "preset": self.preset,
             "overrides": dict(self.overrides),
-            "task_names": list(self.task_names),
+            "task_names": None if self.task_names is None else list(self.task_names),
         }
 
     @classmethod
@@ -49,5 +55,5 @@ class ModelSpec:
             name=str(data["name"]),
             preset=str(data.get("preset", "tiny")),
             overrides=dict(data.get("overrides") or {}),
-            task_names=tuple(data.get("task_names") or DEFAULT_TASKS),
+            task_names=tuple(data["task_names"]) if data.get("task_names") else None,
         )
