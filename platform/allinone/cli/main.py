@@ -21,8 +21,9 @@ from allinone.config import ConfigError, load_pipeline, load_task, resolve_sourc
 from allinone.data.images import ImageReadError
 from allinone.data.shards import ShardError
 from allinone.data.sources import SourceError
+from allinone.data.storage import StorageError
 
-USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError)
+USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError, StorageError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -86,7 +87,9 @@ def main() -> None:
 @shards_app.command("build")
 def shards_build(
     task_yaml: Annotated[Path, typer.Argument(help="A task config, e.g. tasks/denoise.yaml")],
-    out: Annotated[Path, typer.Option(help="Folder for this task split's shards")],
+    out: Annotated[
+        str, typer.Option(help="Folder (or s3://bucket/prefix) for this task split's shards")
+    ],
     source: Annotated[
         str | None,
         typer.Option(help="'skimage', a folder of clean images, or a paired dataset's root"),
@@ -96,18 +99,30 @@ def shards_build(
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Shards built in parallel")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Record refused files and go on")] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Build on this Ray cluster, one task per shard (sources readable on every node)"
+        ),
+    ] = None,
 ) -> None:
     """Degrade (or pair) a task's images into WebDataset shards plus a manifest.json."""
     from allinone.cli.progress import build_with_progress
+    from allinone.data import storage
     from allinone.data.shards import BuildRequest
 
     if split not in ("train", "test"):
         raise typer.BadParameter("must be 'train' or 'test'", param_hint="--split")
     task = load_task(task_yaml)
-    request = BuildRequest(
-        task, split, _source(task_yaml, task, split, source), out, samples_per_shard, seed, skip_bad
-    )
-    manifest = build_with_progress(request, workers, console)
+    source = _source(task_yaml, task, split, source)
+    folder = storage.path(out)
+    storage.check(folder)
+    request = BuildRequest(task, split, source, folder, samples_per_shard, seed, skip_bad)
+    if address:
+        from allinone.cluster.ray import start_ray
+
+        start_ray(address)
+    manifest = build_with_progress(request, workers, console, on_ray=bool(address))
     console.print(
         f"{manifest['samples']} samples in {len(manifest['shards'])} shards -> {out}"
         + (f"; {len(manifest['skipped'])} files skipped" if manifest["skipped"] else "")
@@ -125,12 +140,15 @@ def _source(task_yaml: Path, task, split: str, given: str | None) -> str:
 
 @shards_app.command("verify")
 def shards_verify(
-    folder: Annotated[Path, typer.Argument(help="A shard folder (searched recursively)")],
+    folder: Annotated[
+        str, typer.Argument(help="A shard folder or s3://bucket/prefix (searched recursively)")
+    ],
 ) -> None:
     """Re-check counts, sha256 hashes, and that every sample decodes into an equal-size pair."""
+    from allinone.data import storage
     from allinone.data.shards import verify_shards
 
-    report = verify_shards(folder)
+    report = verify_shards(storage.path(folder))
     for problem in report.problems:
         errors.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
     console.print(
@@ -181,6 +199,10 @@ def models_import(
         Path | None,
         typer.Option(help="mioir_explicit: the repository's data/type7.npy prompt maps"),
     ] = None,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(help="mioir_explicit: its separately released Classifier.pth"),
+    ] = None,
     tasks: Annotated[
         str | None,
         typer.Option(help="The tasks it was trained on, comma-separated (for eval and --task)"),
@@ -192,10 +214,13 @@ def models_import(
 ) -> None:
     """Turn an official released checkpoint into our checkpoint file, which every --model takes."""
     from allinone.models.checkpoint import Checkpoint, save_checkpoint
-    from allinone.models.importer import import_official, prompt_maps
+    from allinone.models.importer import classifier_weights, import_official, prompt_maps
 
-    extra = prompt_maps(arch, prompts) if prompts else None
-    imported = import_official(arch, checkpoint, preset, extra)
+    extra = {
+        **(prompt_maps(arch, prompts) if prompts else {}),
+        **(classifier_weights(arch, classifier) if classifier else {}),
+    }
+    imported = import_official(arch, checkpoint, preset, extra or None)
     if tasks:
         spec = imported.spec.with_tasks(tuple(t.strip() for t in tasks.split(",") if t.strip()))
         imported = Checkpoint(spec, imported.state_dict, imported.provenance)
@@ -250,6 +275,13 @@ def run(
     tracking_uri: LocalTrackingUri = None,
     address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoints: a folder or s3://bucket/prefix every node reaches; "
+            "default: train.storage, else <workdir>/ray"
+        ),
+    ] = None,
 ) -> None:
     """Run a whole curriculum: shards, stages, evaluation, registration."""
     from allinone.curriculum.run import run_pipeline
@@ -257,7 +289,11 @@ def run(
 
     pipeline = load_pipeline(pipeline_yaml)
     options = RunOptions(
-        workdir or Path("runs") / pipeline.config.name, tracking_uri, address, resume
+        workdir or Path("runs") / pipeline.config.name,
+        tracking_uri,
+        address,
+        resume,
+        storage=storage,
     )
     summary = run_pipeline(pipeline, options, say=console.print)
     _print_matrix(summary)

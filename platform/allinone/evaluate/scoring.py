@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from allinone.data import storage
 from allinone.data.images import decode_image_bytes
 from allinone.data.shards import iter_tar_samples, shard_urls
+from allinone.data.storage import StoragePath
 from allinone.evaluate.metrics import psnr, restore_tiled, ssim, to_image, to_tensor
 
 Pair = tuple[str, np.ndarray, np.ndarray]  # (key, degraded, ground truth), float HxWx3 in [0, 1]
@@ -56,7 +57,7 @@ class TestSplit:
 
     suite: str  # all-in-one or zero-shot
     task: str
-    folder: Path
+    folder: StoragePath  # on local disk or in object storage (``data.shards``)
     crop_border: int = 0  # pixels each border leaves out of the scores (SR: its scale)
 
 
@@ -74,15 +75,35 @@ class TaskScore:
         return {f"{prefix}/{k}": v for k, v in vars(self).items() if isinstance(v, float)}
 
 
-def model_restorer(model: torch.nn.Module, tile: int | None = None) -> Restorer:
-    """A network as a restorer of float images, tiled when an image exceeds ``tile``."""
+def model_restorer(
+    model: torch.nn.Module, tile: int | None = None, task: str | None = None
+) -> Restorer:
+    """A network as a restorer of float images, tiled when an image exceeds ``tile``.
+
+    Blind (the all-in-one setting), unless the network cannot restore without its task
+    (``needs_task``): then it is told ``task``, the test set's own."""
     model.eval()
     device = next(model.parameters()).device
+    task_id = told_task(model, task)
 
     def restore(lq: np.ndarray) -> np.ndarray:
-        return to_image(restore_tiled(model, to_tensor(lq).to(device), tile))
+        x = to_tensor(lq).to(device)
+        return to_image(restore_tiled(model, x, tile, task_id=task_id))
 
     return restore
+
+
+def told_task(model: torch.nn.Module, task: str | None) -> torch.Tensor | None:
+    """The task id to pass a network that needs one; None for a blind network."""
+    if not getattr(model, "needs_task", False):
+        return None
+    names = tuple(getattr(model, "task_names", ()))
+    if task not in names:
+        raise ValueError(
+            f"{type(model).__name__} restores only when told its task, and {task!r} is not "
+            f"one of its tasks ({', '.join(names)})"
+        )
+    return torch.tensor([names.index(task)])
 
 
 def score_pairs(
@@ -108,11 +129,11 @@ def score_pairs(
     return Quality(len(rows), *(float(v) for v in means)), sample
 
 
-def test_pairs(folder: Path, task: str, limit: int | None = None) -> Iterator[Pair]:
+def test_pairs(folder: StoragePath, task: str, limit: int | None = None) -> Iterator[Pair]:
     """Decoded (key, lq, gt) test pairs of a built task split."""
     count = 0
     for url in shard_urls(folder, task, "test"):
-        for key, members in iter_tar_samples(Path(url)):
+        for key, members in iter_tar_samples(storage.path(url)):
             if limit is not None and count >= limit:
                 return
             count += 1
@@ -126,7 +147,7 @@ def test_pairs(folder: Path, task: str, limit: int | None = None) -> Iterator[Pa
 @torch.no_grad()
 def score_task_with_sample(
     model: torch.nn.Module,
-    folder: Path,
+    folder: StoragePath,
     task: str,
     limit: int | None = None,
     tile: int | None = None,
@@ -135,14 +156,14 @@ def score_task_with_sample(
     """A model on a task's built test shards, with the first test image restored."""
     pairs = test_pairs(folder, task, limit)
     quality, sample = score_pairs(
-        model_restorer(model, tile), pairs, crop_border, f"{folder}: task {task}"
+        model_restorer(model, tile, task), pairs, crop_border, f"{folder}: task {task}"
     )
     return TaskScore(task, **vars(quality)), sample
 
 
 def score_task(
     model: torch.nn.Module,
-    folder: Path,
+    folder: StoragePath,
     task: str,
     limit: int | None = None,
     tile: int | None = None,

@@ -199,8 +199,8 @@ def _score_suite(plan: EvalPlan, suite: str, tasks: list[str]) -> Results:
     if not tasks:
         results.notes.append(f"{suite}: no tasks to evaluate")
         return results
-    restore = model_restorer(plan.model, plan.tile)
     for task in tasks:
+        restore = model_restorer(plan.model, plan.tile, task)
         for test_set in sets_for(plan, task):
             plan.say(f"{suite}: {task} on {test_set.name}")
             pairs = list(test_set.pairs(plan.max_images))
@@ -240,7 +240,7 @@ def few_shot(plan: EvalPlan, tasks: Sequence[str] | None = None) -> Results:
             "few-shot",
             test_set,
             "zero-shot",
-            model_restorer(plan.model, plan.tile),
+            model_restorer(plan.model, plan.tile, task),
             held_out,
             k=0,
             steps=0,
@@ -254,7 +254,7 @@ def few_shot(plan: EvalPlan, tasks: Sequence[str] | None = None) -> Results:
                     "few-shot",
                     test_set,
                     method,
-                    model_restorer(tuned, plan.tile),
+                    model_restorer(tuned, plan.tile, task),
                     held_out,
                     k=k,
                     steps=settings.steps,

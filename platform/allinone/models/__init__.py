@@ -15,6 +15,7 @@ from allinone.models import (  # noqa: E402,F401,I001
     adair,
     am_promptir,
     clip_prompt,
+    film_unet,
     mioir,
     perceiver,
     pip,

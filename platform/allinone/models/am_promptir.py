@@ -335,6 +335,7 @@ class AMPromptIR(RestorationModel):
         self.Feature_Refinement3 = FeatureEnhancementFusion(dim * 8, dim * 4)
         self._freeze_uncalled_convolutions()
         self.degradation_head = nn.Linear(dim * 8, self.num_tasks) if blind else None
+        self.needs_task = not blind
 
     def _freeze_uncalled_convolutions(self) -> None:
         """Five 1x1 convolutions the official builds and its forward never calls (188,928

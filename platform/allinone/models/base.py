@@ -44,6 +44,9 @@ class RestorationModel(nn.Module, abc.ABC):
     """
 
     size_multiple: int = 1
+    # True for a network that cannot restore without being told the task (AM-PromptIR reads the
+    # degradation's text, as published): evaluation then tells it the test set's task.
+    needs_task: bool = False
     # Weights of this model's auxiliary terms when a pipeline names none (train.aux_weights
     # overrides them); a term not listed here weighs 1.
     default_aux_weights: dict[str, float] = {}
@@ -121,6 +124,9 @@ class OfficialRelease:
     # Our key for tensors the release keeps outside its checkpoint, read from a .npy file at
     # import (MiOIR's explicit prompt maps, data/type7.npy); None where there are none.
     prompts_key: str | None = None
+    # Our key prefix for a component the authors release as a file of its own (MiOIR's
+    # Classifier.pth beside Restormer_M_EP.pth); None where there is none.
+    component_prefix: str | None = None
 
 
 @dataclass(frozen=True)

@@ -230,3 +230,14 @@ def prompt_maps(arch: str, path: str | Path) -> dict[str, Tensor]:
         reason = _reason(error)
         raise CheckpointImportError(f"{path}: not a readable .npy array ({reason})") from None
     return {release.prompts_key: torch.from_numpy(np.ascontiguousarray(array)).float()}
+
+
+def classifier_weights(arch: str, path: str | Path) -> dict[str, Tensor]:
+    """A component released as a file of its own (MiOIR's Classifier.pth), in any layout the
+    importer reads, under our key prefix for it."""
+    release = _release(arch)
+    if release.component_prefix is None:
+        raise CheckpointImportError(f"{path}: {arch} has no separately released component")
+    path = Path(path)
+    state, _ = find_weights(_read(path), path)
+    return {f"{release.component_prefix}{k}": v for k, v in strip_wrappers(state).items()}
