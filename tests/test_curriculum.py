@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from allinone.config import load_pipeline
+from allinone.config import ConfigError, load_pipeline
 from allinone.curriculum.plan import plan_stages, stage_plan
 from allinone.curriculum.run import run_pipeline
 from allinone.curriculum.state import CurriculumError, RunOptions
@@ -33,6 +33,8 @@ def write_pipeline(
     mode: str = "cumulative",
     train: str = "",
     checkpoint_every: int = 2,
+    model: str = "{name: promptir, preset: tiny}",
+    components: str = "",
 ) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"""
@@ -40,12 +42,42 @@ name: {name}
 tasks_dir: {REPO / "tasks"}
 tasks: [{", ".join(tasks)}]
 data: {{samples_per_shard: 16, crop: 32, batch_size: 4}}
-model: {{name: promptir, preset: tiny}}
-curriculum: {{mode: {mode}, steps: [{", ".join(map(str, steps))}]}}
+model: {model}
+curriculum: {{mode: {mode}, steps: [{", ".join(map(str, steps))}]{components}}}
 train: {{lr: 1.0e-3, zero_stage: 2, checkpoint_every: {checkpoint_every}, log_every: 1{train}}}
 eval: {{max_images: 2}}
 """)
     return path
+
+
+def test_a_component_trains_alone_in_its_own_stage(tmp_path: Path) -> None:
+    """MiOIR's classifier, trained on its own as published: a stage after the curriculum on
+    every task, in which only the classifier's parameters train."""
+    path = write_pipeline(
+        tmp_path,
+        "ep",
+        steps=(2, 3),
+        model="{name: mioir_explicit, preset: tiny}",
+        components=", components: [{trains: classifier, steps: 4}]",
+    )
+    stages = plan_stages(load_pipeline(path))
+    assert [(s.name, s.tasks, s.steps, s.offset) for s in stages] == [
+        ("stage1-denoise", ("denoise",), 2, 0),
+        ("stage2-dehaze", ("denoise", "dehaze"), 3, 2),
+        ("stage3-classifier", ("denoise", "dehaze"), 4, 5),
+    ]
+    model = stages[-1].model_spec(load_pipeline(path)).build()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("classifier.") for n in trained)
+    restorer = stages[0].model_spec(load_pipeline(path)).build()
+    assert restorer.state_dict().keys() == model.state_dict().keys()  # weights carry over
+    assert not any(n.startswith("classifier.") and p.requires_grad
+                   for n, p in restorer.named_parameters())  # fmt: skip
+    refused = write_pipeline(
+        tmp_path, "p", components=", components: [{trains: classifier, steps: 4}]"
+    )
+    with pytest.raises(ConfigError, match="curriculum.components.0.trains: model promptir"):
+        load_pipeline(refused)
 
 
 def test_stage_plans_follow_the_mode(tmp_path: Path) -> None:

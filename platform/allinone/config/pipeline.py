@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -29,9 +30,34 @@ class ModelSection(BaseModel):
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
+    @model_validator(mode="after")
+    def _finite_overrides(self) -> ModelSection:
+        # Extra keys are untyped (they are the architecture's own arguments): check them here.
+        for key, value in self.overrides.items():
+            if not _all_finite(value):
+                raise ValueError(f"{key}: must be finite numbers (got {value!r})")
+        return self
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
+
+
+# Images larger than this are refused before decoding (decompression bombs are a few hundred KB
+# that decode to gigabytes): generous for photos (a 45 MP camera's frames pass), and it bounds a
+# build's memory, about 40 bytes per pixel while a sample is degraded and encoded (measured).
+DEFAULT_MAX_PIXELS = 50_000_000
+
 
 class DataSection(Strict):
     samples_per_shard: int = Field(64, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # per source image, width x height
     crop: int = Field(64, ge=16)  # random training crop taken by the stream
     batch_size: int = Field(8, ge=1)  # per worker
     train_source: str | None = None  # overrides every task's train.source (e.g. a photo folder)
@@ -39,6 +65,18 @@ class DataSection(Strict):
     # Per task, e.g. {rain100l: /data/Rain100L/train}: a paired task's own dataset root.
     train_sources: dict[str, str] = Field(default_factory=dict)
     test_sources: dict[str, str] = Field(default_factory=dict)
+    # Where the run builds and reads its shards: a folder or an object-storage URI
+    # (s3://bucket/prefix); default <workdir>/shards.
+    shards: str | None = None
+
+
+class ComponentStage(Strict):
+    """A stage after the curriculum that trains one component of the model alone, on every
+    task, the rest frozen: MiOIR's degradation classifier (``trains: classifier``), trained
+    on its own as published. The model's ``trains`` argument names what it can train so."""
+
+    trains: Annotated[str, Field(pattern=r"^[a-z][a-z_]*$")]
+    steps: int = Field(ge=1)
 
 
 class CurriculumSection(Strict):
@@ -47,6 +85,7 @@ class CurriculumSection(Strict):
         Annotated[int, Field(ge=1)]
     ]  # per stage, in task order (mixed: one entry or the sum)
     weights: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    components: list[ComponentStage] = Field(default_factory=list)  # after the stages, in order
 
 
 class TrainSection(Strict):
@@ -71,6 +110,9 @@ class TrainSection(Strict):
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
+    # Ray Train's storage_path: the stages' checkpoints and the weights each stage starts from, a
+    # folder or an object-storage URI (s3://bucket/prefix); default <workdir>/ray. --storage wins.
+    storage: str | None = None
 
     @model_validator(mode="after")
     def _check_precision(self) -> TrainSection:
@@ -238,6 +280,12 @@ def check_model(config: PipelineConfig, path: Path) -> None:
     if len(accepted) < len(parameters):  # a builder passing **kwargs on: its presets' keys
         accepted |= {key for preset in entry.presets.values() for key in preset}
     accepted.discard("task_names")  # set from the pipeline's tasks
+    if config.curriculum.components and "trains" not in accepted:
+        raise ConfigError(
+            path,
+            "curriculum.components.0.trains",
+            f"model {config.model.name} has no component it trains on its own",
+        )
     for key in config.model.overrides:
         if key not in accepted:
             raise ConfigError(

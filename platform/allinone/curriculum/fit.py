@@ -1,8 +1,10 @@
 """Fitting one stage: a Ray Train TorchTrainer of DeepSpeed workers fed by the stage's stream.
 
-A stage's Ray Train run keeps its checkpoints under the work directory, so a restarted worker (or
-a resumed driver) continues from the last one; the stage's final weights are copied out to
-``stages/<stage>/model.pt``, which the next stage starts from.
+A stage's Ray Train run keeps its checkpoints in the run's storage (``--storage`` or
+``train.storage``: a folder, or object storage that every node reaches; default the work
+directory), so a restarted worker (or a resumed driver) continues from the last one; the stage's
+final weights are copied out to ``stages/<stage>/model.pt``, which the next stage starts from.
+With object storage the workers read those starting weights from there, not from this machine.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from allinone.base.errors import first_line
 from allinone.config import Pipeline
 from allinone.curriculum.plan import Stage, eval_splits, is_last, stage_plan
 from allinone.curriculum.state import CurriculumError, RunOptions, RunState
+from allinone.data import storage
+from allinone.data.storage import StoragePath
 from allinone.data.stream import shuffle_buffer_rows, train_data_config, training_dataset
 from allinone.train.job import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob
 from allinone.train.loop import train_stage
@@ -59,11 +64,11 @@ def fit_stage(
         stage=stage.index,
         stage_name=stage.name,
         steps=stage.steps,
-        model=config.model_spec,
+        model=stage.model_spec(pipeline),
         train=train,
         batch_size=config.data.batch_size,
         seed=config.seed + 1000 * stage.index,
-        init_weights=str(init_weights) if init_weights else None,
+        init_weights=_start_weights(init_weights, options.checkpoint_root, run_name),
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
         status_dir=str(status_dir.resolve()),
@@ -77,7 +82,7 @@ def fit_stage(
         fault=options.fault,
     )
     trainer = TorchTrainer(
-        train_stage,
+        _train_from_storage,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -87,7 +92,7 @@ def fit_stage(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str((workdir / "ray").resolve()),
+            storage_path=str(options.checkpoint_root),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Our own lines say stage, step, loss and samples/s; Ray Train's INFO lines
@@ -107,12 +112,64 @@ def fit_stage(
     return _collect(result, workdir, stage, status_dir)
 
 
+def _start_weights(weights: Path | None, root: StoragePath, run_name: str) -> str | None:
+    """Where the workers read the stage's starting weights: beside the checkpoints when those are
+    in object storage (a worker on another node cannot read this machine's disk), else the file."""
+    if weights is None or not storage.is_remote(root):
+        return str(weights) if weights else None
+    target = root / "start" / run_name / WEIGHTS_FILE
+    target.upload(weights)
+    return str(target)
+
+
+def _train_from_storage(config: dict) -> None:
+    """Ray Train's worker function: ``train_stage``, with starting weights in object storage first
+    copied to the worker's own disk."""
+    job: StageJob = config["job"]
+    if not storage.is_remote(job.init_weights):
+        return train_stage(config)
+    with tempfile.TemporaryDirectory(prefix="allinone-start-") as folder:
+        local = Path(folder) / WEIGHTS_FILE
+        storage.path(job.init_weights).download(local)
+        return train_stage({**config, "job": replace(job, init_weights=str(local))})
+
+
 def _cause(err: BaseException) -> str:
     """The line of a Ray-wrapped worker error that names the real exception (the last
     ``...Error`` line of the traceback Ray includes), else its first line."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line and not line.startswith(" ")]
     return errors[-1][:500] if errors else first_line(err, 500)
+
+
+def _nonfinite_message(stage: Stage, failure: dict, result) -> str:
+    # Workers check the loss before each update and the weights before each save, so every
+    # checkpoint Ray Train holds is finite: the last one is the last finite one.
+    what = failure.get("what", "loss")
+    kept = (
+        f"the last finite checkpoint is kept: {result.checkpoint.path}"
+        if result.checkpoint
+        else "no finite checkpoint was saved"
+    )
+    return (
+        f"stage {stage.name}: the {what} became non-finite at step {failure['step']} "
+        f"(loss {failure['loss']}); {kept}"
+    )
+
+
+def _drop_unregistered_checkpoints(result) -> None:
+    """Remove the stage's checkpoint folders that Ray Train never registered: a worker killed
+    after writing one and before the controller collected its report leaves it behind, and
+    nothing would ever read or prune it."""
+    from pyarrow import fs
+
+    kept = {Path(checkpoint.path).name for checkpoint, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    for info in result.filesystem.get_file_info(fs.FileSelector(result.path, allow_not_found=True)):
+        folder = info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        if folder and info.base_name not in kept:
+            result.filesystem.delete_dir(info.path)
 
 
 # One logical CPU per worker; the driver starts Ray with spare logical CPUs for Ray Data's
@@ -122,18 +179,10 @@ WORKER_RESOURCES = {"CPU": 1.0}
 
 def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResult:
     metrics = result.metrics or {}
+    _drop_unregistered_checkpoints(result)
     verdict = status_dir / NONFINITE_FILE
     if verdict.is_file():
-        failure = json.loads(verdict.read_text())
-        kept = (
-            f"; the last good checkpoint is kept: {result.checkpoint.path}"
-            if result.checkpoint
-            else ""
-        )
-        raise CurriculumError(
-            f"stage {stage.name}: loss became non-finite ({failure['loss']}) at "
-            f"step {failure['step']}{kept}"
-        )
+        raise CurriculumError(_nonfinite_message(stage, json.loads(verdict.read_text()), result))
     if result.error:
         raise CurriculumError(f"stage {stage.name} failed: {result.error}")
     if result.checkpoint is None or not metrics.get("final"):

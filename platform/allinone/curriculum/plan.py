@@ -14,6 +14,7 @@ from allinone.config import Pipeline
 from allinone.data.shards import shard_folder
 from allinone.data.stream import StreamPlan, task_shards
 from allinone.evaluate.scoring import TestSplit
+from allinone.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,31 @@ class Stage:
     tasks: tuple[str, ...]  # trained in this stage
     steps: int
     offset: int = 0  # curriculum steps before this stage
+    trains: str | None = None  # one component alone (the model's `trains` argument), or all
+
+    def model_spec(self, pipeline: Pipeline) -> ModelSpec:
+        """The network this stage trains: the pipeline's, told which component trains."""
+        spec = pipeline.config.model_spec
+        if self.trains is None:
+            return spec
+        overrides = {**spec.overrides, "trains": self.trains}
+        return ModelSpec(spec.name, spec.preset, overrides, spec.task_names)
 
 
 def plan_stages(pipeline: Pipeline) -> list[Stage]:
     config = pipeline.config
     tasks, steps, mode = config.tasks, config.curriculum.steps, config.curriculum.mode
     if mode == "mixed":
-        return [Stage(0, "mixed", tuple(tasks), steps[0])]
-    stages = []
-    for k, task in enumerate(tasks):
-        trained = tuple(tasks[: k + 1]) if mode == "cumulative" else (task,)
-        stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k], sum(steps[:k])))
+        stages = [Stage(0, "mixed", tuple(tasks), steps[0])]
+    else:
+        stages = []
+        for k, task in enumerate(tasks):
+            trained = tuple(tasks[: k + 1]) if mode == "cumulative" else (task,)
+            stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k], sum(steps[:k])))
+    for component in config.curriculum.components:
+        index, offset = len(stages), stages[-1].offset + stages[-1].steps
+        name = f"stage{index + 1}-{component.trains}"
+        stages.append(Stage(index, name, tuple(tasks), component.steps, offset, component.trains))
     return stages
 
 

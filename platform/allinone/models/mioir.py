@@ -280,8 +280,10 @@ _WHERE = "linked from the authors' README (Google / Baidu Drive)"
         component_prefix=CLASSIFIER,
     ),
 )
-def mioir_explicit(**kwargs: Any) -> MiOIRExplicit:
-    return MiOIRExplicit(**kwargs)
+def mioir_explicit(
+    trains: Literal["restorer", "classifier"] = "restorer", **kwargs: Any
+) -> MiOIRExplicit:
+    return MiOIRExplicit(trains=trains, **kwargs)
 
 
 @register_model(
