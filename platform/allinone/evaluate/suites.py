@@ -52,7 +52,7 @@ class EvalError(ValueError):
 
 
 def default_tasks_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "tasks"
+    return Path(__file__).resolve().parents[3] / "tasks"
 
 
 @dataclass(frozen=True)

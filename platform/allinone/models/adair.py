@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from allinone.models.base import DEFAULT_TASKS, OfficialRelease, register_model
 from allinone.models.promptir import RestormerUNet, conv1x1
-from allinone.models.restormer import transposed_attention
+from allinone.models.restormer import RESTORMER_PAPER, RESTORMER_TINY, transposed_attention
 
 # The official band split sizes the low-frequency box in units of 1/128 of the feature map, and
 # truncates: a map under 2 x 128 pixels on a side always gets an empty low band (low = 0).
@@ -145,18 +145,10 @@ def _centred_span(size: int, half: Tensor, device: torch.device) -> Tensor:
 
 
 _PAPER = {
-    "dim": 48,
-    "num_blocks": [4, 6, 6, 8],
-    "num_refinement_blocks": 4,
-    "heads": [1, 2, 4, 8],
-    "ffn_expansion_factor": 2.66,
+    **RESTORMER_PAPER,
 }
 _TINY = {
-    "dim": 16,
-    "num_blocks": [1, 1, 1, 2],
-    "num_refinement_blocks": 1,
-    "heads": [1, 1, 2, 2],
-    "ffn_expansion_factor": 2.0,
+    **RESTORMER_TINY,
 }
 
 

@@ -21,22 +21,6 @@ from torch import Tensor, nn
 # Builds one block for (channels, level); level 0 is full resolution, 3 the latent.
 BlockFactory = Callable[[int, int], nn.Module]
 
-# Backbone sizes shared by the presets of every Restormer-based model.
-RESTORMER_TINY = {
-    "dim": 16,
-    "num_blocks": [1, 1, 1, 2],
-    "num_refinement_blocks": 1,
-    "heads": [1, 1, 2, 2],
-    "ffn_expansion_factor": 2.0,
-}
-RESTORMER_PAPER = {
-    "dim": 48,
-    "num_blocks": [4, 6, 6, 8],
-    "num_refinement_blocks": 4,
-    "heads": [1, 2, 4, 8],
-    "ffn_expansion_factor": 2.66,
-}
-
 
 def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, bias=False)

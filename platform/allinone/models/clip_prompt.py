@@ -30,14 +30,13 @@ from torch import Tensor, nn
 
 from allinone.models.base import DEFAULT_TASKS, Restoration, RestorationModel, register_model
 from allinone.models.blocks import (
-    RESTORMER_PAPER,
-    RESTORMER_TINY,
     TransformerBlock,
     UNet,
     conv1x1,
     conv3x3,
     restormer_blocks,
 )
+from allinone.models.restormer import RESTORMER_PAPER, RESTORMER_TINY
 from allinone.models.weights import load_state_file
 
 # ---------------------------------------------------------------------------------------------

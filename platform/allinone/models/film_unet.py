@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from allinone.models.base import DEFAULT_TASKS, Restoration, RestorationModel, register_model
 from allinone.models.blocks import (
-    RESTORMER_TINY,
     BlockFactory,
     ResUNet,
     UNet,
@@ -26,6 +25,7 @@ from allinone.models.blocks import (
     resnet_blocks,
     restormer_blocks,
 )
+from allinone.models.restormer import RESTORMER_TINY
 
 Backbone = Literal["restormer", "nafnet", "resnet"]
 

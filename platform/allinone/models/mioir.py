@@ -35,8 +35,14 @@ from allinone.models.base import (
     RestorationModel,
     register_model,
 )
-from allinone.models.blocks import RESTORMER_PAPER, RESTORMER_TINY
-from allinone.models.restormer import Downsample, OverlapPatchEmbed, Upsample, transformer_stage
+from allinone.models.restormer import (
+    RESTORMER_PAPER,
+    RESTORMER_TINY,
+    Downsample,
+    OverlapPatchEmbed,
+    Upsample,
+    transformer_stage,
+)
 
 # Rows of data/type7.npy and outputs of the official classifier, in the official order ("bnjrhd"
 # then s: blur, noise, jpeg, rain, haze, dark, sr) under our task names.

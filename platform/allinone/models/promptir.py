@@ -28,6 +28,8 @@ from allinone.models.base import (
     register_model,
 )
 from allinone.models.restormer import (
+    RESTORMER_PAPER,
+    RESTORMER_TINY,
     Downsample,
     OverlapPatchEmbed,
     TransformerBlock,
@@ -127,21 +129,13 @@ class PromptGenBlock(nn.Module):
 
 
 _PAPER = {
-    "dim": 48,
-    "num_blocks": [4, 6, 6, 8],
-    "num_refinement_blocks": 4,
-    "heads": [1, 2, 4, 8],
-    "ffn_expansion_factor": 2.66,
+    **RESTORMER_PAPER,
     "prompt_len": 5,
     "prompt_dims": [64, 128, 320],
     "prompt_sizes": [64, 32, 16],
 }
 _TINY = {
-    "dim": 16,
-    "num_blocks": [1, 1, 1, 2],
-    "num_refinement_blocks": 1,
-    "heads": [1, 1, 2, 2],
-    "ffn_expansion_factor": 2.0,
+    **RESTORMER_TINY,
     "prompt_len": 5,
     "prompt_dims": [16, 32, 64],
     "prompt_sizes": [16, 8, 4],

@@ -11,6 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Backbone sizes shared by the presets of every Restormer-based model: the paper's is Restormer's
+# own, which PromptIR, AdaIR, MiOIR and PIP all keep.
+RESTORMER_TINY = {
+    "dim": 16,
+    "num_blocks": [1, 1, 1, 2],
+    "num_refinement_blocks": 1,
+    "heads": [1, 1, 2, 2],
+    "ffn_expansion_factor": 2.0,
+}
+RESTORMER_PAPER = {
+    "dim": 48,
+    "num_blocks": [4, 6, 6, 8],
+    "num_refinement_blocks": 4,
+    "heads": [1, 2, 4, 8],
+    "ffn_expansion_factor": 2.66,
+}
+
 
 class _WithBiasNorm(nn.Module):
     def __init__(self, channels: int) -> None:
