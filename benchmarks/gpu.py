@@ -97,8 +97,6 @@ def measure(name: str, zero: int, channels_last: bool, compiled: str, args) -> M
     job = StageJob(0, "gpu", args.steps + 3, ModelSpec(name, "paper"), train, args.batch, 0)
     begun = time.perf_counter()
     model = job.model.build().cuda()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     engine = _engine(deepspeed, model, train, job, world=1)
     if compiled != "off":
         engine.compile(backend=compiled)

@@ -1,15 +1,13 @@
-"""Models built on pretrained priors: CLIP-weighted prompts (clip_prompt) and the Stable-Diffusion
-based perceiver. Tiny presets only; every "pretrained" file is one this test saves itself."""
+"""Models built on pretrained priors: CLIP-weighted prompts (clip_prompt; the Stable-Diffusion
+based perceiver has tests/test_models_perceiver.py). Tiny presets only; every "pretrained" file is
+one this test saves itself."""
 
 from __future__ import annotations
-
-import json
 
 import open_clip
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from allinone import models
@@ -21,11 +19,10 @@ from allinone.models.clip_prompt import (
     mix_prompt_weights,
     task_sentences,
 )
-from allinone.models.perceiver import TINY_VAE
 from allinone.models.weights import load_state_file
 from allinone.train.losses import total_loss
 
-PRIOR_MODELS = ["clip_prompt", "perceiver"]
+PRIOR_MODELS = ["clip_prompt"]
 
 # One input shape throughout: the first convolution at a new shape is slow on CPU (oneDNN builds
 # its kernels), and this file should stay well under a minute on two cores.
@@ -120,31 +117,6 @@ def test_focal_loss_reaches_the_clip_adapter() -> None:
     assert model.clip_adapter[-1].weight.grad.abs().sum() > 0
 
 
-# -- perceiver: diffusers components ------------------------------------------------------------
-
-
-def test_perceiver_is_built_from_diffusers_classes_with_a_frozen_vae() -> None:
-    model = build("perceiver").train()
-    assert isinstance(model.vae, AutoencoderKL)
-    assert isinstance(model.unet, UNet2DConditionModel)
-    assert not any(p.requires_grad for p in model.vae.parameters())
-    assert not model.vae.training and model.unet.training
-    assert all(p.requires_grad for p in model.unet.parameters())
-    trainable_vae = build("perceiver", train_vae=True)
-    assert all(p.requires_grad for p in trainable_vae.vae.parameters())
-
-
-def test_perceiver_few_step_refinement_and_given_task() -> None:
-    model = build("perceiver", num_steps=3).eval()
-    assert model.timesteps.tolist() == [999, 666, 333]
-    x = torch.rand(SHAPE)
-    with torch.no_grad():
-        blind = model(x, with_aux=True)
-        told = model(x, torch.tensor([2, 5]), with_aux=True)
-    assert blind.image.shape == told.image.shape == x.shape
-    assert blind.logits.shape == (2, model.num_tasks)
-
-
 # -- loading weights from local files -----------------------------------------------------------
 
 
@@ -160,34 +132,12 @@ def test_clip_prompt_loads_a_local_open_clip_state_dict(tmp_path) -> None:
     x = torch.rand(SHAPE)
     with torch.no_grad():
         assert torch.equal(model.clip(x), FrozenImageTower(reference)(x))
-    # The perceiver reads the same kind of file.
-    perceiver = build("perceiver", pretrained_clip=str(path))
-    assert state_equal(perceiver.clip.visual, reference.visual)
-
-
-def test_perceiver_loads_local_diffusers_folders(tmp_path) -> None:
-    source = build("perceiver", seed=1)
-    source.vae.save_pretrained(tmp_path / "vae")
-    source.unet.save_pretrained(tmp_path / "unet")
-    loaded = build(
-        "perceiver",
-        seed=2,
-        pretrained_vae=str(tmp_path / "vae"),
-        pretrained_unet=str(tmp_path / "unet"),
-    )
-    assert state_equal(loaded.vae, source.vae)
-    assert state_equal(loaded.unet, source.unet)
-    assert not any(p.requires_grad for p in loaded.vae.parameters())
 
 
 def test_missing_weight_files_are_named(tmp_path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build("clip_prompt", pretrained_clip=str(missing / "clip.pt"))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        build("perceiver", pretrained_vae=str(missing))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        build("perceiver", pretrained_unet=str(missing))
 
 
 def test_mismatched_clip_checkpoint_names_path_and_keys(tmp_path) -> None:
@@ -201,30 +151,7 @@ def test_mismatched_clip_checkpoint_names_path_and_keys(tmp_path) -> None:
     not_weights = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_weights)
     with pytest.raises(ValueError, match="list.pt.*not hold a state dict"):
-        build("perceiver", pretrained_clip=str(not_weights))
-
-
-def test_mismatched_diffusers_folders_are_refused(tmp_path) -> None:
-    source = build("perceiver")
-    source.unet.save_pretrained(tmp_path / "unet")
-    with pytest.raises(ValueError, match="unet.*UNet2DConditionModel, not a AutoencoderKL"):
-        build("perceiver", pretrained_vae=str(tmp_path / "unet"))
-    # Weights of one VAE under the config of a wider one.
-    source.vae.save_pretrained(tmp_path / "vae")
-    config_file = tmp_path / "vae" / "config.json"
-    config = json.loads(config_file.read_text())
-    config["block_out_channels"] = [2 * c for c in TINY_VAE["block_out_channels"]]
-    config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="vae"):
-        build("perceiver", pretrained_vae=str(tmp_path / "vae"))
-    # diffusers itself only logs weights missing from the file and leaves them random.
-    source.unet.save_pretrained(tmp_path / "partial")
-    weights_file = tmp_path / "partial" / "diffusion_pytorch_model.safetensors"
-    weights = load_file(weights_file)
-    del weights["conv_in.weight"]
-    save_file(weights, weights_file)
-    with pytest.raises(ValueError, match=r"partial.*missing_keys.*conv_in\.weight"):
-        build("perceiver", pretrained_unet=str(tmp_path / "partial"))
+        build("clip_prompt", pretrained_clip=str(not_weights))
 
 
 def test_load_state_file_reads_safetensors_and_unwraps_checkpoints(tmp_path) -> None:
