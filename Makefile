@@ -18,8 +18,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(VENV)/.installed $@
 
+# `make run` again: RESUME=1 continues the run in runs/<pipeline>, `make clean` starts afresh.
+WORKDIR = runs/$(basename $(notdir $(PIPELINE)))
+
 run: $(VENV)/.installed
-	$(BIN)/allinone run $(PIPELINE)
+	@if [ -f $(WORKDIR)/state.json ] && [ -z "$(RESUME)" ]; then \
+	  echo "$(WORKDIR) holds an earlier run of $(PIPELINE): 'make run RESUME=1' continues it, 'make clean' removes runs/ to start afresh"; \
+	  exit 2; fi
+	$(BIN)/allinone run $(PIPELINE) --workdir $(WORKDIR) $(if $(RESUME),--resume)
 
 # The report test renders a page in a real headless browser: Debian's chromium, installed here
 # where this user may (root with apt-get), otherwise named in one line before anything runs.
@@ -36,5 +42,7 @@ test: $(VENV)/.installed-test chromium
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check platform tests benchmarks
 
+# Every run's work folder, its tracking store and registry included, and what the README's
+# commands write (restored/, report.html).
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs restored report.html .pytest_cache

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from test_readme import readme_command
 
 VENV_BIN = Path(sys.executable).parent
 SUBMIT_TIMEOUT_S = 420
@@ -199,7 +200,8 @@ def services() -> Iterator[Services]:
         wait_until(
             lambda: mlflow_answers(tracking_uri), "MLflow server", started, 120, [logs["mlflow"]]
         )
-        client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        client_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "ALLINONE_DATA")}
+        client_env["XDG_STATE_HOME"] = str(root / "state")  # where `jobs` remembers the address
         yield Services(dashboard, tracking_uri, root / "artifacts", client_env)
     finally:
         stop_all(started)
@@ -239,32 +241,41 @@ def allinone(
 
 
 # --------------------------------------------------------------------------- the tests
-def submit_smoke(services: Services, *extra: str) -> subprocess.CompletedProcess:
-    """``allinone submit pipelines/smoke.yaml`` as a user runs it, followed to the job's end."""
-    result = allinone(
-        "submit",
-        "pipelines/smoke.yaml",
-        *extra,
-        "--address",
-        services.dashboard,
-        "--tracking-uri",
-        services.tracking_uri,
-        "--env",
-        f"ALLINONE_DATA={SHARED_DATA}",
-        env=services.client_env,
-        timeout_s=SUBMIT_TIMEOUT_S,
-    )
+def readme_submit(services: Services, workdir: Path) -> list[str]:
+    """The README's submit line as pasted, on this cluster: its pipeline is the smoke one (the
+    quickstart trains for 10 minutes), which reads the same ${ALLINONE_DATA} test photos."""
+    line = readme_command("allinone submit pipelines/quickstart.yaml")
+    for placeholder, here in (
+        ("pipelines/quickstart.yaml", "pipelines/smoke.yaml"),
+        ("http://localhost:8265", services.dashboard),
+        ("http://MLFLOW_HOST:5000", services.tracking_uri),
+        ("/mnt/shared/data", str(SHARED_DATA)),
+        ("/mnt/shared/runs/quickstart", str(workdir)),
+    ):
+        assert placeholder in line, placeholder
+        line = line.replace(placeholder, here)
+    return shlex.split(line)[1:]
+
+
+def submit_smoke(
+    services: Services, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``allinone submit pipelines/smoke.yaml ...`` as a user runs it, followed to the job's end."""
+    result = allinone(*args, env=env or services.client_env, timeout_s=SUBMIT_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def smoke_job(services: Services) -> str:
-    """Submit the smoke pipeline as a user would and follow it to its end; returns the job id."""
-    result = submit_smoke(services)
+def smoke_job(services: Services, tmp_path_factory) -> str:
+    """The README's submit line, followed to the job's end; returns the job id."""
+    result = submit_smoke(services, *readme_submit(services, tmp_path_factory.mktemp("job")))
     found = re.search(r"submitted job (\S+)", result.stdout)
     assert found, result.stdout[-2000:]
     assert "SUCCEEDED" in result.stdout.splitlines()[-1]
+    assert (
+        "smoke: finished" in result.stdout and "ran as Ray job " + found.group(1) in result.stdout
+    )
     return found.group(1)
 
 
@@ -295,8 +306,13 @@ def test_submitted_run_is_tracked_and_registered(services: Services, smoke_job: 
 
 @pytest.fixture(scope="module")
 def tune_job(services: Services) -> subprocess.CompletedProcess:
-    """The smoke pipeline's study, submitted with --tune and followed to its end."""
-    return submit_smoke(services, "--tune")
+    """The smoke pipeline's study, submitted with --tune and followed to its end; its data path
+    travels from the shell's ALLINONE_DATA (no --env)."""
+    args = ["submit", "pipelines/smoke.yaml", "--tune", "--address", services.dashboard]
+    args += ["--tracking-uri", services.tracking_uri]
+    return submit_smoke(
+        services, *args, env={**services.client_env, "ALLINONE_DATA": str(SHARED_DATA)}
+    )
 
 
 def test_a_submitted_study_runs_its_trials_on_the_cluster(
@@ -319,9 +335,8 @@ def test_a_submitted_study_runs_its_trials_on_the_cluster(
 
 
 def test_jobs_status_and_list_know_the_finished_job(services: Services, smoke_job: str) -> None:
-    status = allinone(
-        "jobs", "status", smoke_job, "--address", services.dashboard, env=services.client_env
-    )
+    # No --address and no RAY_ADDRESS: the last address a command reached (the submit's).
+    status = allinone("jobs", "status", smoke_job, env=services.client_env)
     assert status.returncode == 0, status.stderr
     assert "SUCCEEDED" in status.stdout
 
@@ -342,6 +357,29 @@ def test_jobs_status_and_list_know_the_finished_job(services: Services, smoke_jo
     assert "refused" in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
 
 
+def test_data_only_on_this_machine_is_refused_before_the_job_is_queued(
+    services: Services,
+) -> None:
+    """Without ALLINONE_DATA the pipeline's test photos resolve inside the job's copy of the
+    project: a check job on the cluster finds them missing, and no run job is queued."""
+    before = _run_jobs(services)
+    args = ["submit", "pipelines/smoke.yaml", "--address", services.dashboard]
+    done = allinone(*args, env=services.client_env, timeout_s=SUBMIT_TIMEOUT_S)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error: not submitted: where the job runs, ")
+    assert "test.source: data folder does not exist" in lines[0]
+    assert "exists on this machine only" in lines[0] and "--env ALLINONE_DATA=" in lines[0]
+    assert _run_jobs(services) == before
+
+
+def _run_jobs(services: Services) -> set[str]:
+    listed = allinone("jobs", "list", "--address", services.dashboard, env=services.client_env)
+    assert listed.returncode == 0, listed.stderr
+    return set(re.findall(r"allinone-run-smoke-[0-9a-f]+", listed.stdout))
+
+
 def test_shipped_package_is_what_driver_and_worker_node_import(
     services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -355,6 +393,7 @@ def test_shipped_package_is_what_driver_and_worker_node_import(
         "print('worker', ray.get(where.remote()))"
     )
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", services.client_env["RAY_AUTH_TOKEN_PATH"])
+    monkeypatch.setenv("XDG_STATE_HOME", services.client_env["XDG_STATE_HOME"])
     client = cluster.connect(services.dashboard)
     job_id = client.submit_job(
         entrypoint=shlex.join(["python", "-c", script]),
@@ -368,6 +407,47 @@ def test_shipped_package_is_what_driver_and_worker_node_import(
     )
     for path in paths.values():
         assert "runtime_resources" in path and not path.startswith(str(REPO)), paths
+
+
+def test_a_head_without_its_dashboard_agent_is_explained() -> None:
+    """A head whose dashboard agent could not bind its port (here: held by this test, as another
+    Ray instance would) answers every job with Ray's "No available agent"; submit says which
+    port and what to do."""
+    root = Path(tempfile.mkdtemp(prefix="aio-agent-", dir="/tmp"))  # short: Ray's socket paths
+    token_file = root / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = base_env(token_file)
+    ports = {"gcs": free_port(), "dashboard": free_port(), "client": free_port()}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        command = [
+            arg
+            for arg in ray_node(root / "head", True, ports, cpus=1)
+            if not arg.startswith("--dashboard-agent-listen-port=")
+        ]
+        command.append(f"--dashboard-agent-listen-port={held.getsockname()[1]}")
+        head = start(command, {**env, "RAY_AUTH_MODE": "token"}, root / "head.log")
+        try:
+            dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+            token = token_file.read_text()
+            wait_until(
+                lambda: get_json(f"{dashboard}/api/version", token),
+                "Ray dashboard",
+                [head],
+                180,
+                [root / "head.log"],
+            )
+            client_env = {**env, "XDG_STATE_HOME": str(root / "state")}
+            args = ["submit", "pipelines/smoke.yaml", "--address", dashboard]
+            done = allinone(*args, env=client_env, timeout_s=SUBMIT_TIMEOUT_S)
+        finally:
+            stop_all([head])
+            shutil.rmtree(root, ignore_errors=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1, done.stderr
+    for text in ("No available agent", "52365", "--dashboard-agent-listen-port", "another Ray"):
+        assert text in done.stderr, text
 
 
 def test_an_address_where_nothing_listens_fails_in_one_line() -> None:
@@ -407,6 +487,37 @@ def test_token_and_address_are_found_where_ray_looks(
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://head:8443/")
     assert resolve_address(None) == "https://head:8443"
     assert resolve_address("http://other:8265") == "http://other:8265"  # the flag wins
+
+
+def test_config_check_inputs_names_data_missing_here(tmp_path: Path) -> None:
+    """What the check job runs on the cluster, run here."""
+    env = {**os.environ, "ALLINONE_DATA": str(tmp_path / "nowhere")}
+    done = allinone("config", "check", "--inputs", "pipelines/smoke.yaml", env=env, timeout_s=600)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "denoise.yaml: test.source: data folder does not exist" in done.stderr
+    env["ALLINONE_DATA"] = str(SHARED_DATA)
+    checked = allinone(
+        "config", "check", "--inputs", "pipelines/smoke.yaml", env=env, timeout_s=600
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_last_address_reached_is_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from allinone.cluster.jobs import JobError, address_file, resolve_address
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    with pytest.raises(JobError, match="pass --address http://HEAD:8265 \\(remembered"):
+        resolve_address(None)
+    address_file().parent.mkdir(parents=True)
+    address_file().write_text("http://head:8265\n")  # what a command that reached it leaves
+    assert resolve_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "other:8265")
+    assert resolve_address(None) == "http://other:8265"  # the environment first
+    assert resolve_address("http://flag:8265") == "http://flag:8265"  # the flag before all
 
 
 def test_cluster_launcher_config_passes_rays_own_validation() -> None:

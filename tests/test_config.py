@@ -181,3 +181,62 @@ def test_per_task_sources_take_precedence(tmp_path: Path) -> None:
     assert _split_source(pipeline, "dehaze", "train")[::2] == ("hazy", "data.train_sources.dehaze")
     assert _split_source(pipeline, "denoise", "train")[::2] == ("photos", "data.train_source")
     assert _split_source(pipeline, "denoise", "test")[2] == "test.source"
+
+
+def _smoke_with(tmp_path: Path, original: str, replacement: str) -> Path:
+    path = tmp_path / "p.yaml"
+    base = (REPO / "pipelines" / "smoke.yaml").read_text()
+    assert original in base
+    path.write_text(
+        base.replace(original, replacement).replace("seed: 0", f"tasks_dir: {REPO / 'tasks'}")
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("original", "replacement", "field"),
+    [
+        ("lr: 1.0e-3", "lr: .inf", "train.lr"),
+        ("lr: 1.0e-3", "lr: .nan", "train.lr"),
+        ("lr: 1.0e-3", "lr: 1.0e-3, grad_clip: -.inf", "train.grad_clip"),
+        ("preset: tiny", "preset: tiny, prompt_len: .inf", "prompt_len"),
+    ],
+)
+def test_non_finite_numbers_are_refused_with_the_field(
+    tmp_path: Path, original: str, replacement: str, field: str
+) -> None:
+    path = _smoke_with(tmp_path, original, replacement)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as caught:
+        load_pipeline(path)
+    assert "finite" in str(caught.value)
+    checked = _cli("config", "check", str(path))
+    lines = [line for line in checked.stderr.splitlines() if line.strip()]
+    assert checked.returncode == 2 and len(lines) == 1 and field in lines[0], checked.stderr
+
+
+def test_an_unset_variable_in_tasks_dir_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        (REPO / "pipelines" / "smoke.yaml")
+        .read_text()
+        .replace("seed: 0", "tasks_dir: ${ALLINONE_SURELY_UNSET}/tasks")
+    )
+    for verb in (("config", "check", str(path)), ("run", str(path), "--workdir", str(tmp_path))):
+        result = _cli(*verb)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "tasks_dir" in lines[0] and "ALLINONE_SURELY_UNSET" in lines[0]
+
+
+def test_an_unset_variable_in_a_source_fails_config_check(tmp_path: Path) -> None:
+    unset = "${ALLINONE_SURELY_UNSET}/photos"
+    pipeline = _smoke_with(tmp_path, "crop: 32,", f"crop: 32, train_source: '{unset}',")
+    task = tmp_path / "noise.yaml"
+    task.write_text(
+        "name: noise\nkind: synthetic\ndegrade: [{op: gaussian_noise}]\n"
+        f"test: {{source: '{unset}'}}\n"
+    )
+    for path, field in ((pipeline, "data.train_source"), (task, "test.source")):
+        result = _cli("config", "check", str(path))
+        assert result.returncode == 2, result.stderr
+        assert field in result.stderr and "ALLINONE_SURELY_UNSET" in result.stderr

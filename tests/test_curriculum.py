@@ -182,6 +182,20 @@ def test_a_second_run_in_the_same_workdir_needs_resume(finished_run) -> None:
         run_pipeline(pipeline, RunOptions(workdir), say=lambda *_: None)
 
 
+def test_resuming_a_finished_run_says_so_and_registers_nothing(finished_run) -> None:
+    workdir, summary = finished_run
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    versions = len(client.search_model_versions("name='allinone'"))
+    said: list[str] = []
+    again = run_pipeline(
+        load_pipeline(workdir.parent / "e2e.yaml"), RunOptions(workdir, resume=True), said.append
+    )
+    assert len(said) == 1 and "finished earlier" in said[0], said
+    assert str(summary.weights) in said[0] and f"v{summary.registered.version}" in said[0]
+    assert again.registered is None and again.matrix == summary.matrix
+    assert len(client.search_model_versions("name='allinone'")) == versions
+
+
 def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session) -> None:
     pipeline = load_pipeline(
         write_pipeline(tmp_path, "faulty", tasks=("denoise",), steps=(8,), checkpoint_every=3)
@@ -192,15 +206,36 @@ def test_killed_worker_restarts_from_last_checkpoint(tmp_path: Path, ray_session
     )
     assert (tmp_path / "killed-once").read_text() == "4", "the worker process was killed at step 4"
     assert list(summary.matrix) == ["stage1-denoise"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    state = json.loads((tmp_path / "work" / "state.json").read_text())
-    steps = [
-        m.step
-        for m in client.get_metric_history(state["stage_runs"]["stage1-denoise"], "train/loss")
-    ]
-    # Steps 1-4 ran, the worker died before finishing step 5, the restart resumed at the step-3
-    # checkpoint: only step 4 (less than one checkpoint interval) ran twice.
-    assert sorted(steps) == [1, 2, 3, 4, 4, 5, 6, 7, 8]
+    # Steps 1-4 ran, the worker died before step 5, the restart resumed at the step-3
+    # checkpoint: step 4 ran twice and was logged once.
+    assert _stage_history(tmp_path / "work") == ([1, 2, 3, 4, 5, 6, 7, 8], [3])
+
+
+def test_a_worker_killed_right_after_a_checkpoint_report_repeats_one_interval(
+    tmp_path: Path, ray_session
+) -> None:
+    """Killed before Ray Train's controller collected the step-6 report (it polls every 2 s): that
+    checkpoint is lost, the restart resumes at step 3, and nothing more than 4-6 runs again."""
+    pipeline = load_pipeline(
+        write_pipeline(tmp_path, "reported", tasks=("denoise",), steps=(8,), checkpoint_every=3)
+    )
+    fault = FaultInjection(at_step=6, marker=str(tmp_path / "killed"), after_checkpoint=True)
+    workdir = tmp_path / "work"
+    run_pipeline(pipeline, RunOptions(workdir, fault=fault, register=False), say=lambda *_: None)
+    assert (tmp_path / "killed").read_text() == "6"
+    assert _stage_history(workdir) == ([1, 2, 3, 4, 5, 6, 7, 8], [3])
+    # The lost checkpoint's folder is gone; Ray Train keeps its last two (num_to_keep).
+    kept = sorted((workdir / "ray").glob("*/checkpoint_*/stage_state.json"))
+    assert sorted(json.loads(p.read_text())["step"] for p in kept) == [6, 8]
+    assert len([p for p in (workdir / "ray").glob("*/checkpoint_*") if p.is_dir()]) == 2
+
+
+def _stage_history(workdir: Path) -> tuple[list[int], list[int]]:
+    """The steps the stage's MLflow run holds for train/loss, and the steps it resumed at."""
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = json.loads((workdir / "state.json").read_text())["stage_runs"]["stage1-denoise"]
+    loss = sorted(m.step for m in client.get_metric_history(run, "train/loss"))
+    return loss, sorted(int(m.value) for m in client.get_metric_history(run, "train/resumed_at"))
 
 
 def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(
@@ -216,15 +251,40 @@ def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(
             train=", lr: 1.0e+20, grad_clip: null",
         )
     )
-    with pytest.raises(CurriculumError, match=r"non-finite .* at step \d"):
+    with pytest.raises(CurriculumError, match=r"non-finite at step \d") as caught:
         run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
-    assert list((tmp_path / "work" / "ray").rglob("checkpoint_*/model.pt")), (
-        "last good checkpoint kept"
-    )
+    named = str(caught.value).split("the last finite checkpoint is kept: ")[1]
+    assert _all_finite(Path(named) / "model.pt"), "the checkpoint the error names is finite"
     assert json.loads((tmp_path / "work" / "state.json").read_text())["finished"] == {}
+
+
+def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path: Path, ray_session) -> None:
+    """An update that overflows (the loss before it was finite) must not become a checkpoint."""
+    pipeline = load_pipeline(
+        write_pipeline(
+            tmp_path,
+            "overflow",
+            tasks=("denoise",),
+            steps=(4,),
+            checkpoint_every=1,
+            train=", lr: 1.0e+39, grad_clip: null",  # finite, but beyond float32
+        )
+    )
+    message = r"the weights became non-finite at step 1 .*; no finite checkpoint was saved"
+    with pytest.raises(CurriculumError, match=message):
+        run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)
+    saved = list((tmp_path / "work" / "ray").rglob("checkpoint_*/model.pt"))
+    assert all(_all_finite(path) for path in saved)
+
+
+def _all_finite(weights: Path) -> bool:
+    import torch
+
+    state = torch.load(weights, weights_only=True)
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def test_tracking_server_that_does_not_answer(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Model references: a run id, a checkpoint path and a registry URI all load the same model.
+"""Model references: a run id, a checkpoint path and a registry URI all load the same model, and
+none of them runs code hidden in a weights file.
 
 ``record_run`` writes what ``allinone run`` leaves behind (work directory, stage weights with their
 card, MLflow parent and stage runs, metrics, grids) for a tiny model fine-tuned for a few steps
@@ -27,7 +28,10 @@ from allinone.evaluate.continual import log_continual
 from allinone.tracking import runs as tracking
 from allinone.tracking.registry import log_and_register
 from allinone.tracking.resolve import ResolveError, resolve_model, write_model_card
+from conftest import TEST_SETS, allinone_cli
 from test_curriculum import write_pipeline
+
+PHOTO = TEST_SETS / "CBSD68" / "101085.png"
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,13 @@ def record_run(folder: Path, name: str, tasks=("denoise",), steps: int = 3) -> R
             with tracking.run(None, experiment, stage.name, nested=True) as stage_id:
                 weights = _fine_tune(model, pipeline, workdir, stage)
                 write_model_card(weights, pipeline.config, stage.name)
-                mlflow.log_params({"stage.index": stage.index, "checkpoint": str(weights)})
+                mlflow.log_params(
+                    {
+                        "stage.index": stage.index,
+                        "stage.tasks": ",".join(stage.tasks),
+                        "checkpoint": str(weights),
+                    }
+                )
                 scores = score_stage(pipeline, workdir / "shards", weights, [stage_id, parent_id])
                 for task, score in scores.items():
                     mlflow.log_metrics(score.as_metrics(f"test/{task}"))
@@ -101,6 +111,37 @@ def _fine_tune(model, pipeline: Pipeline, workdir: Path, stage) -> Path:
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights)
     return weights
+
+
+class _Payload:
+    """Unpickling it would create ``marker``: a stand-in for code hidden in a weights file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+def write_crafted_pickle(path: Path, marker: Path) -> Path:
+    """A torch file whose loading with ``weights_only=False`` creates ``marker``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"weight": _Payload(marker)}}, path)
+    return path
+
+
+def test_the_crafted_pickle_runs_when_unpickled(tmp_path) -> None:
+    # The control for every refusal test: the payload is live, so its marker's absence counts.
+    marker = tmp_path / "pwned"
+    torch.load(write_crafted_pickle(tmp_path / "model.pt", marker), weights_only=False)
+    assert marker.exists()
+
+
+def assert_refused_unrun(result, marker: Path, says: str) -> None:
+    """The command exited 2 with one line saying ``says``, and the payload did not run."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert says in result.stderr and not marker.exists()
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +193,14 @@ def test_a_bare_checkpoint_path_or_its_folder_loads(recorded, tmp_path) -> None:
 def test_a_registry_uri_loads_with_its_config(recorded) -> None:
     with mlflow.start_run(run_id=recorded.parent_id):
         registered = log_and_register(
-            resolve_model(str(recorded.weights)).module,
+            resolve_model(str(recorded.weights)).checkpoint(),
             "resolve-test",
             recorded.summary["final"],
             "all-in-one:denoise,dehaze",
             recorded.summary["final"]["final/average_psnr"],
             config=recorded.pipeline.config,
         )
-    for uri in ("models:/resolve-test@champion", f"models:/resolve-test/{registered['version']}"):
+    for uri in ("models:/resolve-test@champion", f"models:/resolve-test/{registered.version}"):
         resolved = resolve_model(uri, recorded.uri)
         assert resolved.task_names == ("denoise", "dehaze")
         assert resolved.pipeline.model.name == "promptir"
@@ -175,6 +216,23 @@ def test_references_that_do_not_resolve(recorded, tmp_path) -> None:
         resolve_model(str(tmp_path / "missing.pt"))
     with pytest.raises(ResolveError, match="run 0{32} not found"):
         resolve_model("0" * 32, recorded.uri)
+
+
+def test_a_crafted_pickle_as_a_checkpoint_is_refused_unrun(recorded, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    stage = tmp_path / "stages" / "stage1"
+    write_crafted_pickle(stage / "model.pt", marker)
+    shutil.copy(recorded.weights.parent / "model.json", stage / "model.json")
+    with pytest.raises(ResolveError, match="refused: it holds pickled Python objects"):
+        resolve_model(str(stage / "model.pt"))
+    restore = allinone_cli("restore", PHOTO, "--model", stage / "model.pt", "--out", tmp_path / "o")
+    assert_refused_unrun(restore, marker, f"{stage / 'model.pt'}: refused")
+    scored = allinone_cli("eval", "--model", stage, "--data", TEST_SETS, "--max-images", "1")
+    assert_refused_unrun(scored, marker, f"{stage / 'model.pt'}: refused")
+    # Without a card the file is still only read tensors-only (to see whether it is ours).
+    bare = write_crafted_pickle(tmp_path / "bare.pt", marker)
+    restore = allinone_cli("restore", PHOTO, "--model", bare, "--out", tmp_path / "o")
+    assert_refused_unrun(restore, marker, "no model.json")
 
 
 def test_a_checkpoint_of_another_architecture(recorded, tmp_path) -> None:

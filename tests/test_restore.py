@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from allinone.evaluate.metrics import to_image, to_tensor
 from allinone.tracking.resolve import resolve_model, write_model_card
 from conftest import TEST_SETS, allinone_cli
 from test_curriculum import write_pipeline
+from test_shards import bomb_png
 
 COLOUR = TEST_SETS / "CBSD68" / "101085.png"  # 321 x 481
 GREY = TEST_SETS / "Set12" / "01.png"  # 256 x 256, one channel
@@ -67,7 +71,7 @@ def test_restore_a_file_and_a_folder_skipping_the_broken_one(checkpoint, inputs,
         "101085.png": ("RGB", (321, 481)),
         "grey.png": ("L", (256, 256)),
         "nested/grey16.png": ("L", (70, 50)),
-        "rgba.png": ("RGB", (120, 90)),
+        "rgba.png": ("RGBA", (120, 90)),  # its alpha put back
     }
     for name, (mode, size) in expected.items():
         with Image.open(out / name) as image:
@@ -116,3 +120,59 @@ def test_requests_refused_whole(checkpoint, inputs, tmp_path) -> None:
     unknown = _cli(inputs, "--model", tmp_path / "nowhere.pt", "--out", tmp_path / "out")
     assert unknown.returncode == 2 and "nowhere.pt" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+def test_a_decompression_bomb_among_the_inputs_is_skipped_and_the_rest_restored(
+    checkpoint, inputs, tmp_path
+) -> None:
+    bomb = bomb_png(inputs / "bomb.png")
+    out = tmp_path / "out"
+    result = _cli(inputs, "--model", checkpoint, "--out", out, "--tile", "64")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"skipped {bomb}: 14000x13000 is 182.0 MP, over the limit of 50 MP" in result.stderr
+    assert "3 restored" in result.stdout and "2 failed" in result.stdout  # bomb, broken.png
+    assert not (out / "bomb.png").exists()
+    limited = ["--out", tmp_path / "limited", "--max-pixels", "1000"]
+    small = _cli(inputs / "grey.png", "--model", checkpoint, *limited)
+    assert small.returncode == 1 and "over the limit of 0.001 MP" in small.stderr
+
+
+def test_a_transparent_input_keeps_its_alpha_and_its_colour_is_restored(
+    checkpoint, inputs, tmp_path
+) -> None:
+    resolved = resolve_model(str(checkpoint))
+    job = RestoreJob.plan([inputs / "rgba.png"], tmp_path / "out", "dehaze", None, False)
+    (written,) = restore_images(resolved, job).written
+    with Image.open(inputs / "rgba.png") as source, Image.open(written) as image:
+        assert image.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(image)[..., 3], np.asarray(source)[..., 3])
+        colour = np.asarray(source.convert("RGB"), dtype=np.float32) / 255  # straight colour
+        restored = np.asarray(image)[..., :3]
+    task_id = torch.tensor([resolved.task_names.index("dehaze")])
+    with torch.no_grad():
+        expected = to_image(resolved.module(to_tensor(colour), task_id))
+    np.testing.assert_array_equal(restored, to_uint8(expected))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_restored_files_and_model_cards_honour_the_umask(
+    checkpoint, inputs, tmp_path, umask: int
+) -> None:
+    out = tmp_path / "out"
+    restored = subprocess.run(
+        [sys.executable, "-m", "allinone", "restore", str(inputs / "grey.png")]
+        + ["--model", str(checkpoint), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
+    assert restored.returncode == 0, restored.stderr[-2000:]
+    config = load_pipeline(checkpoint.parents[2] / "restore.yaml").config
+    previous = os.umask(umask)
+    try:
+        card = write_model_card(checkpoint, config)
+    finally:
+        os.umask(previous)
+    for path in (out / "grey.png", card):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

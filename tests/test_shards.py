@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from allinone.config import load_task
-from allinone.data.images import decode_image_bytes, read_image
+from allinone.data.images import ImageReadError, decode_image_bytes, read_image
 from allinone.data.shards import (
     BuildRequest,
     ShardError,
@@ -57,6 +57,7 @@ def build(tmp_path: Path, source: Path, out: str = "out", task: Path | None = No
         kw.pop("samples_per_shard", 2),
         kw.pop("seed", 0),
         kw.pop("skip_bad", False),
+        **({"max_pixels": kw.pop("max_pixels")} if "max_pixels" in kw else {}),
     )
     return request, build_shards(request, workers=kw.pop("workers", 1))
 
@@ -354,3 +355,76 @@ def test_crop_note_says_which_side_was_kept(tmp_path: Path) -> None:
     (url,) = shard_urls(request.out, "noise", "train")
     (_, sample), *_ = iter_tar_samples(Path(url))
     assert decode_image_bytes(sample["gt.png"]).shape == (30, 48, 3)
+
+
+def bomb_png(path: Path, width: int = 14000, height: int = 13000) -> Path:
+    """A grey PNG of ``width`` x ``height`` zeros, written row by row: a few hundred KB on disk
+    that would decode to gigabytes (made in bounded memory, as an attacker would)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    packer, row, parts = zlib.compressobj(9), bytes(width + 1), []  # filter byte 0, then zeros
+    parts += [packer.compress(row) for _ in range(height)]
+    parts.append(packer.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    path.write_bytes(png + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_bad_input_refused_before_decoding(tmp_path: Path) -> None:
+    source = photo_folder(tmp_path)
+    bomb = bomb_png(source / "bomb.png")
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(ShardError, match=r"bomb\.png: 14000x13000 is 182\.0 MP, over the limit"):
+        build(tmp_path, source)
+    _, manifest = build(tmp_path, source, "skipped", skip_bad=True)
+    assert [Path(s["file"]).name for s in manifest["skipped"]] == ["bomb.png"]
+    assert manifest["samples"] == 2 * len(PHOTOS)  # the batch went on
+    with pytest.raises(ImageReadError, match="400.0 MP, over the limit of 300 MP"):
+        read_image(bomb_png(tmp_path / "beyond-pil.png", 20000, 20000), max_pixels=300_000_000)
+
+
+def test_the_pixel_limit_is_configurable_and_keeps_images_at_their_size(tmp_path: Path) -> None:
+    folder = tmp_path / "large"
+    folder.mkdir()
+    Image.open(PHOTOS[0]).convert("RGB").resize((300, 200)).save(folder / "large.png")
+    test_task = tmp_path / "whole.yaml"
+    test_task.write_text("name: whole\nkind: synthetic\ndegrade: [{op: gaussian_noise}]\n")
+    request, manifest = build(tmp_path, folder, task=test_task, split="test", max_pixels=60_000)
+    (url,) = shard_urls(request.out, "whole", "test")
+    (_, sample), *_ = iter_tar_samples(Path(url))
+    assert decode_image_bytes(sample["gt.png"]).shape == (200, 300, 3)  # stored at its size
+    with pytest.raises(ShardError, match=r"large\.png: 300x200 is 0\.1 MP, over the limit"):
+        build(tmp_path, folder, "o2", task=test_task, split="test", max_pixels=59_999)
+
+
+def test_transparency_is_flattened_onto_white(tmp_path: Path) -> None:
+    black = Image.new("RGBA", (16, 16), (0, 0, 0, 128))  # black at 50% alpha
+    black.save(tmp_path / "half.png")
+    loaded = read_image(tmp_path / "half.png")
+    np.testing.assert_allclose(loaded.pixels, 1 - 128 / 255, atol=1e-6)  # grey, not black
+    assert loaded.conversions == ["rgba->rgb on white"] and loaded.alpha is None
+    straight = read_image(tmp_path / "half.png", flatten=False)
+    np.testing.assert_allclose(straight.pixels, 0.0)
+    np.testing.assert_allclose(straight.alpha, 128 / 255, atol=1e-6)
+    Image.new("LA", (16, 16), (200, 0)).save(tmp_path / "grey.png")  # fully transparent grey
+    grey = read_image(tmp_path / "grey.png")
+    assert grey.conversions == ["grey-alpha->rgb on white", "grey->rgb"]
+    np.testing.assert_allclose(grey.pixels, 1.0)
+
+
+def test_a_pair_a_few_pixels_apart_is_centre_cropped_with_both_sizes_noted(tmp_path: Path) -> None:
+    root = tmp_path / "pairs"
+    (root / "lq").mkdir(parents=True)
+    (root / "gt").mkdir()
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((100, 80))
+    photo.save(root / "gt" / "a.png")
+    photo.crop((3, 2, 97, 78)).save(root / "lq" / "a.png")  # 3 and 2 border pixels cut off
+    _, manifest = build(tmp_path, root, task=REPO / "tasks" / "pairs.yaml", split="test")
+    notes = manifest["conversions"][str(root / "gt" / "a.png")]
+    assert "pair centre-cropped to common size 94x76 (LQ 94x76, GT 100x80)" in notes

@@ -17,7 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from allinone.config import ConfigError, load_pipeline, load_task, resolve_source
+from allinone.config import (
+    DEFAULT_MAX_PIXELS,
+    ConfigError,
+    load_pipeline,
+    load_task,
+    resolve_source,
+)
 from allinone.data.images import ImageReadError
 from allinone.data.shards import ShardError
 from allinone.data.sources import SourceError
@@ -29,6 +35,7 @@ USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError, StorageErro
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Errors of the heavier modules are imported only when a command got that far.
     from allinone.cli.restore import RestoreError
+    from allinone.cli.stores import StoreError
     from allinone.cluster.jobs import JobError
     from allinone.cluster.ray import ClusterError
     from allinone.curriculum.state import CurriculumError
@@ -55,6 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StudyError,
         CheckpointError,
         CheckpointImportError,
+        StoreError,
     )
 
 
@@ -70,6 +78,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Validate task and pipeline 
 app.add_typer(shards_app, name="shards")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets as they download.")
+app.add_typer(data_app, name="data")
 
 console = Console()
 errors = Console(stderr=True)
@@ -84,6 +94,12 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- shards
+MaxPixels = Annotated[
+    int,
+    typer.Option(min=1, help="Refuse images of more pixels (width x height) before decoding"),
+]
+
+
 @shards_app.command("build")
 def shards_build(
     task_yaml: Annotated[Path, typer.Argument(help="A task config, e.g. tasks/denoise.yaml")],
@@ -99,6 +115,7 @@ def shards_build(
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Shards built in parallel")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Record refused files and go on")] = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     address: Annotated[
         str | None,
         typer.Option(
@@ -117,7 +134,9 @@ def shards_build(
     source = _source(task_yaml, task, split, source)
     folder = storage.path(out)
     storage.check(folder)
-    request = BuildRequest(task, split, source, folder, samples_per_shard, seed, skip_bad)
+    request = BuildRequest(
+        task, split, source, folder, samples_per_shard, seed, skip_bad, max_pixels
+    )
     if address:
         from allinone.cluster.ray import start_ray
 
@@ -235,10 +254,63 @@ def models_import(
         console.print(register_checkpoint(imported, register, tracking_uri).line(), highlight=False)
 
 
+# --------------------------------------------------------------------------- data
+@data_app.command("check")
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="A folder of datasets, e.g. BSD400/, Rain100L/")],
+) -> None:
+    """Per task, the standard datasets found (BSD400, WED, RainTrainL, Rain100L, OTS, ITS, SOTS,
+    GoPro, LOL, DIV2K, Flickr2K, ...): pairs, sizes, unpaired and unreadable files."""
+    from allinone.evaluate.inventory import check_data
+
+    surveys = check_data(folder)
+    for task in sorted({survey.tasks[0] for survey in surveys if survey.tasks}):
+        console.print(f"[bold]{task}[/]", highlight=False)
+        for survey in (s for s in surveys if s.tasks[:1] == (task,)):
+            console.print(f"  {_survey_line(survey)}", highlight=False, soft_wrap=True)
+    others = [s for s in surveys if not s.tasks]
+    if others:
+        console.print("[bold]other image folders[/] (no known dataset)")
+        for survey in others:
+            console.print(f"  {_survey_line(survey)}", highlight=False, soft_wrap=True)
+    problems = [p for survey in surveys for p in survey.problems]
+    for problem in problems[:20]:
+        errors.print(
+            f"{problem.file}: {problem.reason}", highlight=False, markup=False, soft_wrap=True
+        )
+    if len(problems) > 20:
+        errors.print(f"... and {len(problems) - 20} more", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _survey_line(survey) -> str:
+    unit = f"{survey.layout} pairs" if survey.layout != "clean" else "images"
+    unit = f"clean {unit}" if survey.tasks and survey.layout == "clean" else unit
+    sizes = (
+        f", {survey.smallest[0]}x{survey.smallest[1]} .. {survey.largest[0]}x{survey.largest[1]}"
+        if survey.smallest and survey.largest
+        else ""
+    )
+    notes = [
+        f"{len(survey.unpaired)} unpaired" if survey.unpaired else "",
+        f"{len(survey.unreadable)} unreadable" if survey.unreadable else "",
+        f"{survey.mismatched} pairs of unequal sizes" if survey.mismatched else "",
+    ]
+    notes.append(f"also for {', '.join(survey.tasks[1:])}" if survey.tasks[1:] else "")
+    split = f" ({survey.split})" if survey.split else ""
+    extra = "".join(f", {n}" for n in notes if n)
+    return f"{survey.name}{split}: {survey.count} {unit}{sizes}{extra}  {survey.root}"
+
+
 # --------------------------------------------------------------------------- configs
 @config_app.command("check")
 def config_check(
     paths: Annotated[list[Path], typer.Argument(help="Task or pipeline YAML files")],
+    inputs: Annotated[
+        bool,
+        typer.Option(help="Also check, here, the data folders and weights a pipeline reads"),
+    ] = False,
 ) -> None:
     """Validate configs; a file with a ``kind`` field is a task, one with ``curriculum`` or
     ``model`` a pipeline, wherever it lives."""
@@ -249,7 +321,11 @@ def config_check(
         if "kind" in data:
             load_task(path)
         elif "curriculum" in data or "model" in data:
-            load_pipeline(path)
+            pipeline = load_pipeline(path)
+            if inputs:
+                from allinone.curriculum.run import check_inputs
+
+                check_inputs(pipeline)
         else:
             raise ConfigError(
                 path,
@@ -264,6 +340,10 @@ LocalTrackingUri = Annotated[
     str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
 ]
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")]
+Verbose = Annotated[
+    bool,
+    typer.Option(help="Show every library's warnings and Ray's worker output, not only progress"),
+]
 
 
 @app.command("run")
@@ -275,6 +355,7 @@ def run(
     tracking_uri: LocalTrackingUri = None,
     address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
+    verbose: Verbose = False,
     storage: Annotated[
         str | None,
         typer.Option(
@@ -284,6 +365,8 @@ def run(
     ] = None,
 ) -> None:
     """Run a whole curriculum: shards, stages, evaluation, registration."""
+    from allinone.cli.closing import finish_run, stages_of
+    from allinone.cli.console import run_console
     from allinone.curriculum.run import run_pipeline
     from allinone.curriculum.state import RunOptions
 
@@ -295,17 +378,9 @@ def run(
         resume,
         storage=storage,
     )
-    summary = run_pipeline(pipeline, options, say=console.print)
-    _print_matrix(summary)
-
-
-def _print_matrix(summary) -> None:
-    tasks = summary.tasks
-    table = Table("stage", *tasks, title="PSNR (dB) on each task's test split after each stage")
-    for stage, scores in summary.matrix.items():
-        table.add_row(stage, *(f"{scores[t]:.2f}" for t in tasks))
-    console.print(table)
-    console.print(f"average PSNR after the last stage: {summary.average_psnr:.2f} dB")
+    with run_console(console, options.workdir.resolve(), verbose, stages_of(pipeline)) as screen:
+        summary = run_pipeline(pipeline, options, say=screen.say)
+    finish_run(console, summary, pipeline, screen.log_path)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -318,15 +393,21 @@ def tune(
     tracking_uri: LocalTrackingUri = None,
     address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the study in --workdir")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Search the pipeline's tune: space with Ray Tune; register the best trial's model."""
+    from allinone.cli.closing import finish_study
+    from allinone.cli.console import run_console
+    from allinone.tracking.runs import default_tracking_uri
     from allinone.tune.study import StudyOptions, run_study, table_rows
 
     pipeline = load_pipeline(pipeline_yaml)
     options = StudyOptions(
         workdir or Path("runs") / f"{pipeline.config.name}-tune", tracking_uri, address, resume
     )
-    result = run_study(pipeline, options, say=console.print)
+    folder = options.workdir.resolve()
+    with run_console(console, folder, verbose) as screen:
+        result = run_study(pipeline, options, say=screen.say)
     header, *body = table_rows(result)
     table = Table(*header, title=f"{len(body)} trials, {result.trial_steps} curriculum steps")
     for row in body:
@@ -337,8 +418,8 @@ def tune(
         errors.print("no trial completed its curriculum: nothing registered", highlight=False)
         raise typer.Exit(1)
     console.print(f"best: trial {best.trial}, {result.metric} {best.metric:.3f}", highlight=False)
-    if result.registered:
-        console.print(result.registered.line(), highlight=False)
+    uri = tracking_uri or default_tracking_uri(folder)
+    finish_study(console, result, pipeline, folder, uri, screen.log_path)
 
 
 # --------------------------------------------------------------------------- cluster jobs
@@ -349,7 +430,7 @@ Address = Annotated[
     str | None,
     typer.Option(
         help="The cluster's dashboard, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
-        "then $RAY_ADDRESS"
+        "then $RAY_ADDRESS, then the last address a submit or jobs command reached"
     ),
 ]
 
@@ -377,8 +458,10 @@ def submit(
     tune: Annotated[
         bool, typer.Option("--tune", help="Run the pipeline's tune: study (`allinone tune`)")
     ] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Run a pipeline (or, with --tune, its study) on a Ray cluster through the Ray Jobs API."""
+    """Run a pipeline (or, with --tune, its study) on a Ray cluster through the Ray Jobs API.
+    The pipeline's data folders are checked on the cluster before the job is queued."""
     from allinone.cluster import jobs as cluster
     from allinone.tune.study import StudyError
 
@@ -387,16 +470,30 @@ def submit(
         raise StudyError(f"{pipeline_yaml}: --tune needs a tune: block in the pipeline")
     verb = "tune" if tune else "run"
     client = cluster.connect(address)
-    job_id = cluster.submit(client, pipeline, workdir, tracking_uri, _job_env(env or []), verb)
-    at = f"--address {client.get_address()}"
+    request = cluster.Submission(
+        pipeline, workdir, tracking_uri, _job_env(env or []), verb, verbose
+    )
+    job_id = cluster.submit(client, request, exists_here=lambda: _inputs_here(pipeline))
     console.print(
-        f"submitted job {job_id}\n  status: allinone jobs status {job_id} {at}\n"
-        f"  logs:   allinone jobs logs {job_id} {at} --follow",
+        f"submitted job {job_id} to {client.get_address()}\n"
+        f"  status: allinone jobs status {job_id}\n"
+        f"  logs:   allinone jobs logs {job_id} --follow",
         highlight=False,
         soft_wrap=True,
     )
     if wait:
         _follow(client, job_id)
+
+
+def _inputs_here(pipeline) -> bool:
+    """Whether the pipeline's data folders and weights are found on this machine."""
+    from allinone.curriculum.run import check_inputs
+
+    try:
+        check_inputs(pipeline)
+    except USER_ERRORS:
+        return False
+    return True
 
 
 def _job_env(pairs: list[str]) -> dict[str, str]:
@@ -506,7 +603,8 @@ def eval_model(
     model: Annotated[
         str,
         typer.Option(
-            help="A run id, a checkpoint path, or a registry URI (models:/allinone@champion)"
+            help="A run id, a checkpoint path, a registry URI (models:/allinone@champion), "
+            "or 'latest' (the model of the last run started here)"
         ),
     ],
     suite: Annotated[
@@ -520,7 +618,11 @@ def eval_model(
         typer.Option(help="Folder of standard test sets (CBSD68, Rain100L, SOTS, GoPro, LOL)"),
     ] = None,
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store to resolve the model in and log results to")
+        str | None,
+        typer.Option(
+            help="MLflow store to resolve the model in and log results to; default: "
+            "$MLFLOW_TRACKING_URI, else the last run's store (runs/latest.json)"
+        ),
     ] = None,
     baselines: Annotated[
         bool, typer.Option(help="Also score classical methods (TV, NLM, dark channel)")
@@ -537,29 +639,30 @@ def eval_model(
     ] = None,
 ) -> None:
     """Score a model: all-in-one on its trained tasks, zero-/few-shot on unseen ones."""
+    from allinone.cli import stores
     from allinone.evaluate import suites as ev
+    from allinone.tracking.resolve import resolve_model
 
     if suite not in ev.SUITE_CHOICES:
         raise ev.EvalError(
             f"--suite: unknown suite {suite!r} (known: {', '.join(ev.SUITE_CHOICES)})"
         )
-    plan = _eval_plan(
-        model, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr
-    )
+    model = stores.model_ref(model)
+    tracking_uri = stores.tracking_uri_for(tracking_uri, model)
+    resolved = resolve_model(model, tracking_uri)
+    plan = _eval_plan(resolved, data, baselines, max_images, tile, tasks_dir, k, steps, lr)
     requested = [t for item in tasks or [] for t in item.split(",") if t] or None
     plan.say = lambda line: errors.print(line, highlight=False, markup=False)
     results = ev.run_suites(plan, [suite], requested)
     if tracking_uri:
-        _log_eval(results, tracking_uri, model, suite)
+        _log_eval(results, tracking_uri, model, suite, resolved.run_id)
     _print_results(results)
 
 
-def _eval_plan(model_ref, tracking_uri, data, baselines, max_images, tile, tasks_dir, k, steps, lr):
+def _eval_plan(resolved, data, baselines, max_images, tile, tasks_dir, k, steps, lr):
     from allinone.config import EvalSection, FewShotSection
     from allinone.evaluate.suites import EvalPlan, default_tasks_dir, load_catalog
-    from allinone.tracking.resolve import resolve_model
 
-    resolved = resolve_model(model_ref, tracking_uri)
     config = resolved.pipeline
     settings = config.eval if config else EvalSection()
     overrides = {name: v for name, v in {"k": k, "steps": steps, "lr": lr}.items() if v}
@@ -580,55 +683,27 @@ def _eval_plan(model_ref, tracking_uri, data, baselines, max_images, tile, tasks
     )
 
 
-def _log_eval(results, tracking_uri: str, model_ref: str, suite: str) -> None:
+def _log_eval(results, tracking_uri: str, model_ref: str, suite: str, source: str | None):
     import mlflow
 
     from allinone.evaluate.suites import log_results
     from allinone.tracking import runs as tracking
+    from allinone.tracking.report import EVAL_EXPERIMENT, SOURCE_TAG
 
-    experiment = tracking.connect(tracking_uri, "allinone-eval")
+    experiment = tracking.connect(tracking_uri, EVAL_EXPERIMENT)
     with tracking.run(None, experiment, f"eval {suite}") as run_id:
         mlflow.log_params({"model": model_ref, "suite": suite})
+        if source:  # the report of the run that made the model links this evaluation
+            mlflow.set_tag(SOURCE_TAG, source)
         log_results(results, run_id=run_id)
     console.print(f"logged to MLflow run {run_id} ({tracking_uri})", highlight=False)
 
 
 def _print_results(results) -> None:
-    from allinone.evaluate.suites import few_shot_table
+    from allinone.cli.closing import results_tables
 
-    table = Table("suite", "task", "set", "method", "images", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y")
-    for r in results.rows:
-        if r.suite != "few-shot":
-            table.add_row(
-                r.suite,
-                r.task,
-                r.set,
-                r.method,
-                str(r.images),
-                f"{r.psnr:.2f}",
-                f"{r.ssim:.4f}",
-                f"{r.psnr_y:.2f}",
-                f"{r.ssim_y:.4f}",
-            )
-    if table.rows:
+    for table in results_tables(results):
         console.print(table)
-    shots = few_shot_table(results)
-    if shots:
-        pivot = Table(
-            "task",
-            "set",
-            "k",
-            "steps",
-            "zero-shot",
-            "few-shot",
-            "scratch",
-            title="Few-shot PSNR (dB) on held-out pairs",
-        )
-        for task, name, k, steps, zero, tuned, scratch in shots:
-            pivot.add_row(
-                task, name, str(k), str(steps), f"{zero:.2f}", f"{tuned:.2f}", f"{scratch:.2f}"
-            )
-        console.print(pivot)
     for note in results.notes:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
     for name, value in results.averages().items():
@@ -638,7 +713,10 @@ def _print_results(results) -> None:
 # ------------------------------------------------------------------ registry, restore, report
 TrackingUri = Annotated[
     str | None,
-    typer.Option(help="MLflow store of the run or registry; default: $MLFLOW_TRACKING_URI"),
+    typer.Option(
+        help="MLflow store of the run or registry; default: $MLFLOW_TRACKING_URI, else the last "
+        "run's store (runs/latest.json), else the only runs/*/mlflow.db"
+    ),
 ]
 
 
@@ -649,15 +727,19 @@ def register(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Register a finished run's model; it becomes @champion only if it beats the champion."""
+    from allinone.cli import stores
     from allinone.tracking.registry import register_run
 
-    console.print(register_run(run_id, tracking_uri, name).line(), highlight=False)
+    uri = stores.tracking_uri_for(tracking_uri)
+    console.print(register_run(run_id, uri, name).line(), highlight=False)
 
 
 @app.command("restore")
 def restore(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images")],
-    model: Annotated[str, typer.Option(help="A run id, a checkpoint path, or a registry URI")],
+    model: Annotated[
+        str, typer.Option(help="A run id, a checkpoint path, a registry URI, or 'latest'")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the restored PNGs")],
     task: Annotated[
         str, typer.Option(help="'auto' (the model decides) or a task the model was trained on")
@@ -666,14 +748,17 @@ def restore(
         int | None, typer.Option(min=32, help="Restore larger images in tiles of this size")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Restore images of any size with a trained model; unreadable files are skipped."""
+    from allinone.cli import stores
     from allinone.cli.restore import RestoreJob, restore_images
     from allinone.tracking.resolve import resolve_model
 
-    job = RestoreJob.plan(inputs, out, task, tile, overwrite)
-    resolved = resolve_model(model, tracking_uri)
+    job = RestoreJob.plan(inputs, out, task, tile, overwrite, max_pixels)
+    model = stores.model_ref(model)
+    resolved = resolve_model(model, stores.tracking_uri_for(tracking_uri, model))
     report = restore_images(resolved, job, console)
     for path, reason in report.failed:
         errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)
@@ -688,12 +773,21 @@ def restore(
 
 @app.command("report")
 def report(
-    run_id: Annotated[str, typer.Argument(help="A curriculum (parent) run")],
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="A curriculum (parent) run id, a model URI (models:/allinone@champion: the run "
+            "that logged it), or 'latest' (the last run started here)"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="The HTML page to write")] = Path("report.html"),
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """One self-contained HTML page of a run: config, scores, stage matrix, losses, grids."""
+    """One self-contained HTML page of a run: the real test sets beside the baselines, the run's
+    facts, restorations, the stage matrix, training curves and config."""
+    from allinone.cli import stores
     from allinone.tracking.report import write_report
 
-    write_report(run_id, out, tracking_uri)
-    console.print(f"report of run {run_id} -> {out}", highlight=False)
+    ref = stores.run_ref(run)
+    write_report(ref, out, stores.tracking_uri_for(tracking_uri))
+    console.print(f"report of {ref} -> {out}", highlight=False)

@@ -28,7 +28,9 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:7.1f} {task.fields.get('unit', '')}/s")
 
 
-def build_with_progress(request: BuildRequest, workers: int, console: Console) -> dict[str, Any]:
+def build_with_progress(
+    request: BuildRequest, workers: int, console: Console, on_ray: bool = False
+) -> dict[str, Any]:
     specs, _ = plan_samples(request)
     files = len({s.item.gt for s in specs})
     columns = (
@@ -47,7 +49,7 @@ def build_with_progress(request: BuildRequest, workers: int, console: Console) -
             progress.advance(files_bar, result.source_files)
             progress.advance(samples_bar, result.count)
 
-        manifest = build_shards(request, workers=workers, on_shard=advance)
+        manifest = build_shards(request, workers=workers, on_shard=advance, on_ray=on_ray)
         progress.update(files_bar, completed=files)
         progress.update(samples_bar, completed=len(specs))
     return manifest

@@ -4,8 +4,9 @@ Every input is planned before any work starts: folders are listed (recursively, 
 sub-folders in the output), each output name is fixed as ``<stem>.png``, and a plan that would
 overwrite an existing file without ``--overwrite`` (or write two inputs to one name) is refused
 whole. Grey, RGBA and 16-bit inputs are read through :func:`allinone.data.images.read_image`; a grey
-input comes back grey. Outputs are written atomically; an unreadable file is reported by name
-and skipped.
+input comes back grey, a transparent one with its alpha (its colour is restored, the alpha put
+back as it was). Outputs are written atomically; an unreadable file, or one over the pixel limit,
+is reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from allinone.config import DEFAULT_MAX_PIXELS
 from allinone.data.images import ImageReadError, is_image_file, read_image, write_image_atomic
 from allinone.evaluate.metrics import restore_tiled, to_image, to_tensor
 from allinone.tracking.resolve import ResolvedModel
@@ -32,14 +34,21 @@ class RestoreJob:
     pairs: tuple[tuple[Path, Path], ...]  # (input file, output file)
     task: str | None  # None: blind, the model decides
     tile: int | None
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger inputs are refused before decoding
 
     @classmethod
     def plan(
-        cls, inputs: list[Path], out: Path, task: str, tile: int | None, overwrite: bool
+        cls,
+        inputs: list[Path],
+        out: Path,
+        task: str,
+        tile: int | None,
+        overwrite: bool,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> RestoreJob:
         pairs = tuple((src, out / relative) for src, relative in _listed(inputs, out))
         _check_outputs(pairs, overwrite)
-        return cls(pairs, None if task == AUTO else task, tile)
+        return cls(pairs, None if task == AUTO else task, tile, max_pixels)
 
 
 def _listed(inputs: list[Path], out: Path) -> list[tuple[Path, Path]]:
@@ -102,7 +111,8 @@ def restore_images(resolved: ResolvedModel, job: RestoreJob, console=None) -> Re
         for src, dst in job.pairs:
             bar.update(progress, description=f"restoring {src.name}")
             try:
-                write_image_atomic(_restore_file(model, src, task_id, job.tile, device), dst)
+                restored = _restore_file(model, src, task_id, job, device)
+                write_image_atomic(restored, dst)
                 report.written.append(dst)
             except ImageReadError as err:
                 report.failed.append((src, str(err).removeprefix(f"{src}: ")))
@@ -121,12 +131,15 @@ def _task_id(resolved: ResolvedModel, task: str | None) -> torch.Tensor | None:
 
 
 def _restore_file(
-    model: torch.nn.Module, src: Path, task_id: torch.Tensor | None, tile: int | None, device: str
+    model: torch.nn.Module, src: Path, task_id: torch.Tensor | None, job: RestoreJob, device: str
 ) -> np.ndarray:
-    loaded = read_image(src)
+    """The restored pixels as the input had them: grey or colour, with its alpha if any."""
+    loaded = read_image(src, job.max_pixels, flatten=False)
     task_id = task_id.to(device) if task_id is not None else None
     batch = to_tensor(loaded.pixels).to(device)
-    restored = to_image(restore_tiled(model, batch, tile, task_id=task_id))
-    if "grey->rgb" in loaded.conversions or "grey-alpha->rgb" in loaded.conversions:
-        return restored.mean(axis=2)  # grey in, grey out
-    return restored
+    restored = to_image(restore_tiled(model, batch, job.tile, task_id=task_id))
+    if "grey->rgb" in loaded.conversions:
+        restored = restored.mean(axis=2, keepdims=True)  # grey in, grey out
+    if loaded.alpha is not None:
+        restored = np.concatenate([restored, loaded.alpha[..., None]], axis=2)
+    return restored[..., 0] if restored.shape[2] == 1 else restored

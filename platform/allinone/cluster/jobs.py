@@ -13,6 +13,15 @@ the shards and Ray Train writes checkpoints there from any node. Without one the
 submission never meets the first one's state, but scratch space that Ray removes with the job's
 files. Pass ``--tracking-uri`` of an MLflow server to keep the results.
 
+Paths: the pipeline's data folders are checked where the job will run, by a short check job
+with the same runtime environment, before the run is queued; a path that exists only here gets
+one line saying how to point the job at the data. Variables the pipeline's YAML files read
+(``${ALLINONE_DATA}``...) travel with the job when they are set here and ``--env`` does not set
+them.
+
+Address: ``--address``, else ``$RAY_API_SERVER_ADDRESS`` / ``$RAY_ADDRESS``, else the last address
+a ``submit`` or ``jobs`` command reached (kept in ``~/.local/state/allinone/ray-address``).
+
 Authentication: Ray 2.60 clusters require a token (``ray start --head`` writes
 ``~/.ray/auth_token``). Ray's job client sends it only when ``RAY_AUTH_MODE=token`` is set in the
 client's environment; we look for the token where Ray's own loader does (``$RAY_AUTH_TOKEN``, the
@@ -23,19 +32,24 @@ file ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and send it whenever one i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from allinone.base.errors import first_line
+from allinone.base.files import write_atomic
+from allinone.base.provenance import COMMIT_VARIABLE, git_commit
 from allinone.cluster.ray import WORKER_ENV, unreachable
 
 if TYPE_CHECKING:
@@ -61,6 +75,9 @@ PROJECT_EXCLUDES = [
     "dist/",
 ]
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's CLI reads them in this order
+JOB_VARIABLE = "ALLINONE_JOB_ID"  # the job's own id, for its closing block
+AGENT_PORT = 52365  # the dashboard agent's HTTP port unless `ray start` was told another
+CHECK_TIMEOUT_S = 600.0  # a check job waits for its node's runtime environment like any job
 
 T = TypeVar("T")
 
@@ -71,13 +88,34 @@ class JobError(RuntimeError):
 
 # --------------------------------------------------------------------------- connecting
 def resolve_address(given: str | None) -> str:
-    """The dashboard URL: ``--address``, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``."""
+    """The dashboard URL: ``--address``, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``,
+    else the last one reached from this machine."""
     address = given or next((os.environ[v] for v in ADDRESS_VARIABLES if os.environ.get(v)), None)
+    address = address or _remembered()
     if not address:
         raise JobError(
-            "no Ray cluster given: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS"
+            "no Ray cluster given: pass --address http://HEAD:8265 (remembered for later "
+            "commands) or set RAY_API_SERVER_ADDRESS"
         )
     return address.rstrip("/") if "://" in address else f"http://{address.rstrip('/')}"
+
+
+def address_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "allinone" / "ray-address"
+
+
+def _remembered() -> str | None:
+    path = address_file()
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def _remember(url: str) -> None:
+    # A read-only home only means that the next command needs --address again.
+    with contextlib.suppress(OSError):
+        write_atomic(address_file(), url + "\n")
 
 
 def find_token() -> str | None:
@@ -107,7 +145,9 @@ def connect(address: str | None) -> JobSubmissionClient:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         with _address_variables_unset():
-            return JobSubmissionClient(url, headers=headers)
+            client = JobSubmissionClient(url, headers=headers)
+        _remember(url)
+        return client
     except AuthenticationError as err:
         raise JobError(_refused(url, err, token is not None)) from None
     except (ConnectionError, RuntimeError, OSError) as err:
@@ -169,7 +209,21 @@ def _ask(client: JobSubmissionClient, what: str, call: Callable[[], T]) -> T:
     except AuthenticationError as err:
         raise JobError(_refused(client.get_address(), err, True)) from None
     except (ConnectionError, RuntimeError, OSError) as err:
+        if "No available agent" in str(err):
+            raise JobError(_no_agent(client.get_address())) from None
         raise JobError(f"{what} at {client.get_address()}: {first_line(err)}") from None
+
+
+def _no_agent(url: str) -> str:
+    # The head's dashboard hands each job to the dashboard agent of a node; an agent that could
+    # not bind its HTTP port never registers, and the dashboard answers "No available agent".
+    return (
+        f"Ray cluster at {url} has no dashboard agent to start jobs (Ray: 'No available agent to "
+        f"submit job'): the agent on the head node could not start, most often because its HTTP "
+        f"port ({AGENT_PORT} unless the head was started with --dashboard-agent-listen-port) is "
+        "taken, e.g. by another Ray instance on that machine; free the port, or restart the head "
+        "with `ray start --head --dashboard-agent-listen-port=<a free port>`, and submit again"
+    )
 
 
 # --------------------------------------------------------------------------- submitting
@@ -218,29 +272,158 @@ def _shipped(path: Path, project: Path) -> str:
         ) from None
 
 
+@dataclass(frozen=True)
+class Submission:
+    """What ``allinone submit`` sends: the pipeline, where it works and logs, the job's variables,
+    and ``verbose`` for the job's own console."""
+
+    pipeline: Pipeline
+    workdir: str | None
+    tracking_uri: str | None
+    env: dict[str, str]
+    verb: str = "run"  # or "tune"
+    verbose: bool = False
+
+
 def submit(
     client: JobSubmissionClient,
-    pipeline: Pipeline,
-    workdir: str | None,
-    tracking_uri: str | None,
-    env: dict[str, str],
-    verb: str = "run",
+    request: Submission,
+    exists_here: Callable[[], bool] = lambda: False,
 ) -> str:
-    """Submit ``allinone run`` (or ``tune``) of a pipeline; returns the job's submission id."""
+    """Check the pipeline's inputs where the job will run, then submit ``allinone run`` (or
+    ``tune``); returns the job's submission id. ``exists_here`` tells, when the check fails,
+    whether the same inputs are found on this machine (the CLI checks them)."""
+    pipeline = request.pipeline
     project = project_root(pipeline.path)
     for name in pipeline.tasks:
         _shipped(pipeline.task_path(name), project)  # every task file must travel with the job
-    job_id = f"allinone-{verb}-{pipeline.config.name}-{secrets.token_hex(4)}"
-    entrypoint = job_entrypoint(pipeline, project, workdir or f"runs/{job_id}", tracking_uri, verb)
+    job_id = f"allinone-{request.verb}-{pipeline.config.name}-{secrets.token_hex(4)}"
+    env = job_env(pipeline, request.env, job_id)
+    runtime_env = job_runtime_env(project, env)
+    check_where_it_runs(client, pipeline, project, runtime_env, request.env, exists_here)
+    entrypoint = job_entrypoint(
+        pipeline, project, request.workdir or f"runs/{job_id}", request.tracking_uri, request.verb
+    )
+    if request.verbose:
+        entrypoint += " --verbose"
     return _ask(
         client,
         "submitting",
         lambda: client.submit_job(
             entrypoint=entrypoint,
             submission_id=job_id,
-            runtime_env=job_runtime_env(project, env),
+            runtime_env=runtime_env,
             metadata={"pipeline": _shipped(pipeline.path, project)},
         ),
+    )
+
+
+def job_env(pipeline: Pipeline, given: dict[str, str], job_id: str) -> dict[str, str]:
+    """The job's variables: ``--env``, then every variable the pipeline's YAML files read that is
+    set here (``ALLINONE_DATA``...), the code's commit and the job's own id."""
+    travelling = {
+        name: os.environ[name]
+        for name in referenced_variables(pipeline)
+        if name in os.environ and name not in given
+    }
+    commit = git_commit()
+    return {
+        **travelling,
+        **({COMMIT_VARIABLE: commit} if commit else {}),
+        **given,
+        JOB_VARIABLE: job_id,
+    }
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def referenced_variables(pipeline: Pipeline) -> list[str]:
+    """The ``${VAR}`` names in the pipeline's YAML and its tasks' YAML files, in order."""
+    files = [pipeline.path, *(pipeline.task_path(name) for name in pipeline.tasks)]
+    names = [n for path in files for n in _VARIABLE.findall(Path(path).read_text())]
+    return list(dict.fromkeys(names))
+
+
+def check_where_it_runs(
+    client: JobSubmissionClient,
+    pipeline: Pipeline,
+    project: Path,
+    runtime_env: dict[str, Any],
+    given: dict[str, str],
+    exists_here: Callable[[], bool],
+) -> None:
+    """``allinone config check --inputs`` of the pipeline as a short job with the run's own
+    runtime environment: its paths resolve exactly as the run's will. A failure raises one
+    JobError saying how to point the job at its data."""
+    job_id = f"allinone-check-{pipeline.config.name}-{secrets.token_hex(4)}"
+    entrypoint = shlex.join(
+        [
+            "python",
+            "-m",
+            "allinone",
+            "config",
+            "check",
+            "--inputs",
+            _shipped(pipeline.path, project),
+        ]
+    )
+    _ask(
+        client,
+        "checking the pipeline on the cluster",
+        lambda: client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env
+        ),
+    )
+    info = _wait(client, job_id, CHECK_TIMEOUT_S)
+    if str(info.status) == "SUCCEEDED":
+        return
+    said = (info.message or str(info.status)).strip().splitlines() or [str(info.status)]
+    problem = _error_line(job_logs(client, job_id)) or said[0]
+    raise JobError(_not_there(problem, pipeline, runtime_env["env_vars"], given, exists_here))
+
+
+def _wait(client: JobSubmissionClient, job_id: str, timeout_s: float) -> JobDetails:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = job_info(client, job_id)
+        if info.status.is_terminal():
+            return info
+        if time.monotonic() > deadline:
+            _ask(client, f"stopping job {job_id}", lambda: client.stop_job(job_id))
+            raise JobError(
+                f"the check job {job_id} at {client.get_address()} did not end in "
+                f"{timeout_s:.0f} s (allinone jobs logs {job_id} says why); nothing submitted"
+            )
+        time.sleep(1.0)
+
+
+def _error_line(logs: str) -> str | None:
+    """The one-line error our command line printed (``error: ...``), without the prefix."""
+    found = [line for line in logs.splitlines() if line.startswith("error: ")]
+    return found[-1].removeprefix("error: ").strip() if found else None
+
+
+def _not_there(
+    problem: str,
+    pipeline: Pipeline,
+    env: dict[str, str],
+    given: dict[str, str],
+    exists_here: Callable[[], bool],
+) -> str:
+    line = f"not submitted: where the job runs, {problem}"
+    variables = referenced_variables(pipeline)
+    sent = [f"{n}={env[n]}" for n in variables if n in env and n not in given]
+    if sent:
+        line += f" ({', '.join(sent)} travelled from this shell)"
+    if not exists_here():
+        return line
+    hint = " and ".join(f"--env {n}=/path/on/the/cluster" for n in variables) or (
+        "absolute paths that every node mounts in the pipeline"
+    )
+    return (
+        f"{line}. It exists on this machine only: the job gets a copy of the project, not the "
+        f"data beside it; put the data where the cluster's nodes read it and pass {hint}"
     )
 
 

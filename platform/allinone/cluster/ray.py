@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
 # threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
@@ -29,24 +33,95 @@ def start_ray(address: str | None) -> None:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, log_to_driver=True)
         else:
-            # Spare logical CPUs for Ray Data's readers: on 2 cores a 2-worker trainer would
-            # otherwise take every CPU and the stream would starve.
-            cores = os.cpu_count() or 2
-            ray.init(
-                address="local",
-                num_cpus=max(4, 2 * cores),
-                # The dashboard serves Ray's State API: without it Ray Train's placement-group
-                # cleaner warns every second that it cannot see its controller.
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                runtime_env={"env_vars": WORKER_ENV},
-            )
+            _start_local()
     except (ConnectionError, TimeoutError, RuntimeError) as err:
         raise ClusterError(
             f"Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
             f"does not answer: {str(err).splitlines()[0]}"
         ) from None
     quiet_ray_data()
+
+
+def _start_local() -> None:
+    """A one-machine cluster reachable from this machine only, ending with this process."""
+    import psutil
+    import ray
+
+    before = {child.pid for child in psutil.Process().children()}
+    # Spare logical CPUs for Ray Data's readers: on 2 cores a 2-worker trainer would otherwise
+    # take every CPU and the stream would starve.
+    cores = os.cpu_count() or 2
+    dashboard = _free_port()
+    with _loopback_node():
+        ray.init(
+            address="local",
+            num_cpus=max(4, 2 * cores),
+            # The dashboard serves Ray's State API: without it Ray Train's placement-group
+            # cleaner warns every second that it cannot see its controller.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard,
+            runtime_env={"env_vars": {**WORKER_ENV, **state_api_env(dashboard)}},
+        )
+    heads = [child.pid for child in psutil.Process().children() if child.pid not in before]
+    _start_reaper(heads)
+
+
+def state_api_env(dashboard_port: int) -> dict[str, str]:
+    """Where this cluster's State API is, for its worker processes. Ray Train's placement-group
+    cleaner asks the State API whether its controller lives; unaddressed, the API looks for "the"
+    Ray instance of the machine, and with a second one running (another user's, a test's) its
+    thread dies with a 25-line traceback, leaving the group uncleaned should the controller die."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Ray binds its gRPC servers (GCS, raylet, every worker) to 127.0.0.1 only when the node's address
+# is 127.0.0.1, and its agents and metrics exporters listen on the node's address. ray.init turns
+# 127.0.0.1 into the machine's network address unless it believes multi-node clusters are off:
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read into ray_constants.ENABLE_RAY_CLUSTER when ray is
+# imported (ray._private.services.get_node_ip_address). Every process ray.init starts inherits the
+# variable; this process sets it only while starting them, so that joining a real cluster later
+# (`ray start --address`, a driver elsewhere) still works.
+_SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    from ray._private import ray_constants
+
+    previous_env, previous = os.environ.get(_SINGLE_NODE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_NODE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+        if previous_env is None:
+            os.environ.pop(_SINGLE_NODE, None)
+        else:
+            os.environ[_SINGLE_NODE] = previous_env
+
+
+_reaper: subprocess.Popen | None = None  # held: a collected Popen of a live child warns
+
+
+def _start_reaper(heads: list[int]) -> None:
+    """Kill what is left of the local cluster once this process dies (``cluster/reaper.py``).
+    In its own session: a Ctrl-C or ``kill`` of this process group must not take it first."""
+    global _reaper
+    _reaper = subprocess.Popen(
+        [sys.executable, "-m", "allinone.cluster.reaper", str(os.getpid()), *map(str, heads)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def check_ray_address(address: str | None) -> None:

@@ -14,6 +14,7 @@ from allinone.config.loading import (
     validate,
 )
 from allinone.config.pipeline import (
+    DEFAULT_MAX_PIXELS,
     AshaSection,
     CurriculumSection,
     DataSection,
@@ -30,6 +31,7 @@ from allinone.config.study import apply_values, max_curriculum_steps, validation
 from allinone.config.task import BenchmarkSet, SplitConfig, TaskConfig, load_task
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "SKIMAGE_SOURCE",
     "AshaSection",
     "BenchmarkSet",

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from allinone.config.loading import ConfigError, expand_env, load_yaml, validate
+from allinone.config.loading import (
+    ConfigError,
+    check_variables,
+    expand_env,
+    load_yaml,
+    validate,
+)
 from allinone.config.pipeline import PipelineConfig, check_model
 from allinone.config.study import check_study
 from allinone.config.task import TaskConfig, load_task
@@ -39,9 +45,26 @@ def task_file(config: PipelineConfig, folder: Path, name: str) -> Path:
     return (folder / expand_env(config.tasks_dir) / f"{name}.yaml").resolve()
 
 
+def _path_fields(config: PipelineConfig) -> dict[str, str | None]:
+    """The pipeline's fields that may hold ``${VAR}``, by their names in the file."""
+    data = config.data
+    return {
+        "tasks_dir": config.tasks_dir,
+        "data.train_source": data.train_source,
+        "data.test_source": data.test_source,
+        **{f"data.train_sources.{task}": v for task, v in data.train_sources.items()},
+        **{f"data.test_sources.{task}": v for task, v in data.test_sources.items()},
+        "eval.data": config.eval.data,
+        "model.pretrained": config.model.pretrained,
+        "data.shards": data.shards,
+        "train.storage": config.train.storage,
+    }
+
+
 def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path).resolve()
     config: PipelineConfig = validate(PipelineConfig, load_yaml(path), path)
+    check_variables(path, _path_fields(config))
     check_model(config, path)
     tasks = {}
     for field_name in ("tasks", "unseen_tasks"):
@@ -56,10 +79,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if config.tune is not None:
         check_study(config, path)
     pipeline = Pipeline(config, path, tasks)
-    try:
-        pretrained = pipeline.pretrained
-    except ValueError as err:  # an unset ${VAR} in the path
-        raise ConfigError(path, "model.pretrained", str(err)) from None
+    pretrained = pipeline.pretrained
     if pretrained is not None and not pretrained.is_file():
         raise ConfigError(path, "model.pretrained", f"weights file not found: {pretrained}")
     return pipeline

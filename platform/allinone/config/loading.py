@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: `lr: .inf` would train a checkpoint of infinities.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- loading
@@ -97,6 +98,16 @@ def expand_env(text: str) -> str:
         return value
 
     return _ENV_VAR.sub(substitute, text)
+
+
+def check_variables(path: str | Path, fields: dict[str, str | None]) -> None:
+    """Every ``${VAR}`` of these path fields (name -> value) is set or has a default, before
+    anything runs: a folder that need not exist here (a cluster's) may still not name nothing."""
+    for field, value in fields.items():
+        try:
+            expand_env(value or "")
+        except ValueError as err:
+            raise ConfigError(path, field, str(err)) from None
 
 
 def resolve_source(source: str, relative_to: Path, origin: str | Path, field: str) -> str | Path:

@@ -103,6 +103,11 @@ class TrainSection(Strict):
     offload_optimizer: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     use_gpu: bool = False
+    # NHWC activations (convolutions follow them): faster on tensor cores, rarely on a CPU.
+    channels_last: bool = False
+    # torch.compile through DeepSpeed's engine.compile; "eager" and "aot_eager" check the path
+    # without code generation (tests), "inductor" is the one that speeds training up.
+    compile: Literal["off", "inductor", "aot_eager", "eager"] = "off"
     num_workers: int = Field(1, ge=1)
     threads_per_worker: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(50, ge=1)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from allinone.config.loading import Strict, load_yaml, validate
+from allinone.config.loading import Strict, check_variables, load_yaml, validate
 from allinone.data import degradations
 
 TASK_NAME = r"^[a-z][a-z0-9_]*$"
@@ -146,4 +146,6 @@ class TaskConfig(Strict):
 
 
 def load_task(path: str | Path) -> TaskConfig:
-    return validate(TaskConfig, load_yaml(path), path)
+    task: TaskConfig = validate(TaskConfig, load_yaml(path), path)
+    check_variables(path, {"train.source": task.train.source, "test.source": task.test.source})
+    return task

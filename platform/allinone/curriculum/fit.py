@@ -50,7 +50,9 @@ def fit_stage(
         RunConfig,
         ScalingConfig,
     )
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from allinone.cluster.process_group import LoopbackTorchConfig
 
     config = pipeline.config
     train = config.train
@@ -84,7 +86,8 @@ def fit_stage(
     trainer = TorchTrainer(
         _train_from_storage,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        # On the local cluster the process group's store listens on 127.0.0.1 only.
+        torch_config=LoopbackTorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,

@@ -18,8 +18,9 @@ from allinone.curriculum.fit import fit_stage
 from allinone.curriculum.plan import Stage, plan_stages
 from allinone.curriculum.scoring import check_eval_data, evaluate_run_end, score_stage
 from allinone.curriculum.shards import prepare_shards, shard_sources
-from allinone.curriculum.state import RunOptions, RunState
+from allinone.curriculum.state import RunOptions, RunState, hold_workdir, release_workdir
 from allinone.evaluate.continual import log_continual
+from allinone.evaluate.suites import Results
 from allinone.tracking import runs as tracking
 from allinone.tracking.registry import Registration, register_weights
 from allinone.tracking.resolve import write_model_card
@@ -47,6 +48,7 @@ class RunSummary:
     continual: dict[str, float] = field(default_factory=dict)  # forgetting, backward transfer
     eval: dict[str, float] = field(default_factory=dict)  # suite -> average PSNR on real sets
     registered: Registration | None = None
+    results: Results | None = None  # the run-end suites' rows (real test sets, baselines)
 
     @property
     def average_psnr(self) -> float:
@@ -62,15 +64,23 @@ def open_workdir(
 ) -> Workspace:
     """What can be checked before anything is written, then the work directory and its tracking
     store."""
+    check_inputs(pipeline, builds_shards)
+    check_ray_address(address)
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    hold_workdir(workdir)  # before the tracking store: two starts must not both migrate it
+    uri = tracking_uri or tracking.default_tracking_uri(workdir)
+    return Workspace(workdir, uri, tracking.connect(uri, pipeline.config.name))
+
+
+def check_inputs(pipeline: Pipeline, builds_shards: bool = True) -> None:
+    """Everything a run reads before it writes anything, where it runs: the data folders, the
+    test sets and the pretrained weights; the error names the field (``allinone submit`` runs
+    this on the cluster before it queues the job)."""
     if builds_shards:
         shard_sources(pipeline)  # every data folder exists, or the error names its field
     check_eval_data(pipeline)
     check_pretrained(pipeline)
-    check_ray_address(address)
-    workdir = workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or tracking.default_tracking_uri(workdir)
-    return Workspace(workdir, uri, tracking.connect(uri, pipeline.config.name))
 
 
 def check_pretrained(pipeline: Pipeline) -> None:
@@ -84,15 +94,48 @@ def check_pretrained(pipeline: Pipeline) -> None:
 
 
 def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> RunSummary:
-    """Run (or resume) a whole curriculum: every stage trained, scored and tracked."""
-    space = open_workdir(
-        pipeline,
-        options.workdir,
-        options.tracking_uri,
-        options.address,
-        builds_shards=options.shards is None,
+    """Run (or resume) a whole curriculum: every stage trained, scored and tracked. The work
+    directory is this process's until the run ends (:func:`hold_workdir`)."""
+    options = options.for_pipeline(pipeline)  # where its shards and checkpoints live
+    try:
+        space = open_workdir(
+            pipeline,
+            options.workdir,
+            options.tracking_uri,
+            options.address,
+            builds_shards=options.shards is None,
+        )
+        state = RunState.open(space.folder, pipeline, options.resume)
+        if state.completed is not None:
+            return _finished_earlier(pipeline, state, space, say)
+        return _run(pipeline, options, state, space, say)
+    finally:
+        release_workdir(options.workdir)
+
+
+def _finished_earlier(pipeline: Pipeline, state: RunState, space: Workspace, say) -> RunSummary:
+    """A --resume of a run that ended: what it made, and nothing done again."""
+    done = state.completed or {}
+    registered = f", registered as {done['registered']}" if done.get("registered") else ""
+    say(
+        f"{space.folder}: this run of {pipeline.config.name} finished earlier (MLflow run "
+        f"{state.parent_run_id}); its model: {done.get('weights')}{registered}. Nothing to resume."
     )
-    state = RunState.open(space.folder, pipeline, options.resume)
+    matrix = {name: stage["psnr"] for name, stage in state.finished.items()}
+    weights = Path(done["weights"]) if done.get("weights") else None
+    return RunSummary(
+        state.parent_run_id or "",
+        space,
+        tuple(pipeline.config.tasks),
+        weights,
+        matrix,
+        _final_scores(matrix),
+    )
+
+
+def _run(
+    pipeline: Pipeline, options: RunOptions, state: RunState, space: Workspace, say
+) -> RunSummary:
     start_ray(options.address)
     if options.shards is None:
         prepare_shards(pipeline, options.shard_root, on_build=say)
@@ -122,6 +165,11 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> RunSumma
         if options.register and weights is not None:
             registered = register_weights(pipeline, weights, final, averages)
             say(registered.line())
+        state.completed = {
+            "weights": str(weights) if weights else None,
+            "registered": f"{registered.name} v{registered.version}" if registered else None,
+        }
+        state.save(space.folder)
     return RunSummary(
         parent_id,
         space,
@@ -132,6 +180,7 @@ def run_pipeline(pipeline: Pipeline, options: RunOptions, say=print) -> RunSumma
         continual,
         averages,
         registered,
+        results,
     )
 
 

@@ -1,4 +1,8 @@
-"""Every task split of a pipeline built into shards under the run's shard root, from its source."""
+"""Every task split of a pipeline built into shards under the run's shard root, from its source.
+
+On a Ray cluster of several nodes every node builds: one Ray task per shard (the sources must then
+be readable on every node, e.g. a shared mount); on one machine, local processes.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ from pathlib import Path
 
 from allinone.config import ConfigError, Pipeline, resolve_source
 from allinone.data.shards import BuildRequest, build_shards, shard_folder
+from allinone.data.storage import StoragePath
 
 
-def prepare_shards(pipeline: Pipeline, shards: Path, workers: int = 2, on_build=print) -> None:
+def prepare_shards(
+    pipeline: Pipeline, shards: StoragePath, workers: int = 2, on_build=print
+) -> None:
     """Build (or resume) every task's train and test shards under the shard root."""
     config = pipeline.config
+    on_ray = ray_nodes() > 1
     for (name, split), source in shard_sources(pipeline).items():
         request = BuildRequest(
             pipeline.tasks[name],
@@ -19,9 +27,18 @@ def prepare_shards(pipeline: Pipeline, shards: Path, workers: int = 2, on_build=
             shard_folder(shards, name, split),
             config.data.samples_per_shard,
             config.seed,
+            max_pixels=config.data.max_pixels,
         )
-        manifest = build_shards(request, workers=workers)
-        on_build(f"shards {name}/{split}: {manifest['samples']} samples")
+        manifest = build_shards(request, workers=workers, on_ray=on_ray)
+        where = ", one Ray task per shard" if on_ray else ""
+        on_build(f"shards {name}/{split}: {manifest['samples']} samples{where}")
+
+
+def ray_nodes() -> int:
+    """Alive nodes of the Ray cluster this process has joined; 0 when it has joined none."""
+    import ray
+
+    return sum(node["Alive"] for node in ray.nodes()) if ray.is_initialized() else 0
 
 
 def shard_sources(pipeline: Pipeline) -> dict[tuple[str, str], str | Path]:

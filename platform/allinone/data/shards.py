@@ -2,9 +2,12 @@
 
 A sample is ``{__key__, lq.png, gt.png, json}`` (json: task, split, params used, source file,
 conversions). Members are written sorted by key, the adjacency Ray's reader relies on. Each shard
-is written under a temporary name and renamed only when complete; ``manifest.json`` is rewritten
-atomically after every finished shard with ``complete: false`` until the last, so an interrupted
-build resumes by keeping exactly the shards whose sha256 the manifest recorded.
+is written under a temporary name and renamed only when complete (in object storage: uploaded
+whole under its name, see ``storage``); ``manifest.json`` is rewritten atomically after every
+finished shard with ``complete: false`` until the last, so an interrupted build resumes by keeping
+exactly the shards whose sha256 the manifest recorded, and a reader never takes a build as whole
+before its last shard is in. Shards are built by local processes or, on a Ray cluster, by one Ray
+task per shard; either way the bytes are the same.
 """
 
 from __future__ import annotations
@@ -13,22 +16,26 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import tarfile
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from allinone.base.files import write_atomic, write_atomic_with
-from allinone.config import TaskConfig
+from allinone.base.processes import exit_with_parent
+from allinone.config import DEFAULT_MAX_PIXELS, TaskConfig
 from allinone.data import degradations as degradations
+from allinone.data import storage
 from allinone.data.images import ImageReadError, LoadedImage, decode_image_bytes, encode_png
 from allinone.data.sources import Refused, SourceItem, clean_items, load_clean, paired_items
+from allinone.data.storage import StoragePath
 
 MANIFEST = "manifest.json"
 MIN_SIDE = 8  # smaller images carry no usable texture for restoration
@@ -52,10 +59,11 @@ class BuildRequest:
     task: TaskConfig
     split: str
     source: str
-    out: Path
+    out: StoragePath  # a folder, or a prefix in object storage
     samples_per_shard: int = 64
     seed: int = 0
     skip_bad: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger files are refused before decoding
 
     def shard_name(self, index: int) -> str:
         return f"{self.task.name}-{self.split}-{index:06d}.tar"
@@ -115,10 +123,10 @@ def make_sample(request: BuildRequest, spec: SampleSpec, cache: _ImageCache) -> 
     """Degrade (or read) one sample and encode its members."""
     task, split = request.task, request.task.split(request.split)
     rng = degradations.sample_rng(request.seed, spec.key)
-    gt_image = cache.get(spec.item.gt)
+    gt_image = cache.get(spec.item.gt, request.max_pixels)
     conversions = list(gt_image.conversions)
     if task.kind == "paired":
-        lq_image = cache.get(spec.item.lq or "")
+        lq_image = cache.get(spec.item.lq or "", request.max_pixels)
         gt, lq, note = _align_pair(gt_image.pixels, lq_image.pixels, spec.item)
         conversions += [f"lq:{c}" for c in lq_image.conversions] + ([note] if note else [])
         conversions += _crop_note(gt.shape[:2], split.crop)
@@ -161,8 +169,11 @@ def _align_pair(
         raise ImageReadError(
             f"{item.lq}: size {lw}x{lh} does not match ground truth {item.gt} ({gw}x{gh})"
         )
+    # Datasets ship pairs with a few border pixels cut off one side; the pixels they share are
+    # the centres. Cropped to those, and recorded in the manifest with both sizes.
     h, w = min(gh, lh), min(gw, lw)
-    return _centre(gt, h, w), _centre(lq, h, w), f"pair centre-cropped to common size {w}x{h}"
+    note = f"pair centre-cropped to common size {w}x{h} (LQ {lw}x{lh}, GT {gw}x{gh})"
+    return _centre(gt, h, w), _centre(lq, h, w), note
 
 
 def _centre(image: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -192,23 +203,28 @@ def _random_crop(images: tuple[np.ndarray, ...], size: int | None, rng) -> tuple
 
 
 class _ImageCache:
-    """Variants of one image sit next to each other in key order: keep the last few decoded."""
+    """Variants of one image sit next to each other in key order: keep the last decoded ones.
 
-    def __init__(self, size: int = 4) -> None:
+    Two, the pair in use (a paired task reads a GT and an LQ per sample; SOTS gives one GT many
+    hazy sides): a 50 MP image is 600 MB as float32, and more of them would only add memory."""
+
+    def __init__(self, size: int = 2) -> None:
         self.size, self.images = size, {}
 
-    def get(self, ref: str) -> LoadedImage:
-        if ref not in self.images:
-            image = load_clean(ref)
-            if min(image.pixels.shape[:2]) < MIN_SIDE:
-                raise ImageReadError(
-                    f"{ref}: image is {image.pixels.shape[1]}x{image.pixels.shape[0]}, "
-                    f"smaller than {MIN_SIDE}x{MIN_SIDE}"
-                )
-            if len(self.images) >= self.size:
-                self.images.pop(next(iter(self.images)))
-            self.images[ref] = image
-        return self.images[ref]
+    def get(self, ref: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+        if ref in self.images:
+            self.images[ref] = self.images.pop(ref)  # the most recently used is evicted last
+            return self.images[ref]
+        while len(self.images) >= self.size:  # before decoding: never one image more in memory
+            self.images.pop(next(iter(self.images)))
+        image = load_clean(ref, max_pixels)
+        if min(image.pixels.shape[:2]) < MIN_SIDE:
+            raise ImageReadError(
+                f"{ref}: image is {image.pixels.shape[1]}x{image.pixels.shape[0]}, "
+                f"smaller than {MIN_SIDE}x{MIN_SIDE}"
+            )
+        self.images[ref] = image
+        return image
 
 
 # --------------------------------------------------------------------------- one shard
@@ -259,7 +275,7 @@ def write_shard(
                     conversions[spec.item.gt] = note
         digest = sha256_file(tmp)
 
-    write_atomic_with(final, write)
+    storage.write_atomic_with(final, write)
     files = len({s.item.gt for s in specs})
     return ShardResult(final.name, count, digest, files, _unique(refused), conversions)
 
@@ -280,7 +296,7 @@ def _add_members(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> N
         tar.addfile(info, io.BytesIO(members[suffix]))
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: StoragePath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -293,9 +309,14 @@ ProgressCallback = Callable[[ShardResult], None]
 
 
 def build_shards(
-    request: BuildRequest, workers: int = 1, on_shard: ProgressCallback | None = None
+    request: BuildRequest,
+    workers: int = 1,
+    on_shard: ProgressCallback | None = None,
+    on_ray: bool = False,
 ) -> dict[str, Any]:
-    """Build (or resume) every shard of one task split and return the finished manifest."""
+    """Build (or resume) every shard of one task split and return the finished manifest: in
+    ``workers`` local processes, or with ``on_ray`` one task per shard on the running Ray
+    cluster."""
     request.out.mkdir(parents=True, exist_ok=True)
     specs, refused = plan_samples(request)
     if refused and not request.skip_bad:
@@ -310,7 +331,11 @@ def build_shards(
     todo = [i for i in range(len(chunks)) if not _shard_is_done(request, manifest, i)]
     _remove_stale_shards(request, len(chunks))
     _remove_temp_files(request)
-    for result in _run_shards(request, chunks, todo, workers):
+    if on_ray:
+        results = _ray_shards(request, chunks, todo)
+    else:
+        results = _run_shards(request, chunks, todo, workers)
+    for result in results:
         _record(manifest, result)
         _write_manifest(request.out, manifest)
         if on_shard:
@@ -333,7 +358,8 @@ def _run_shards(request, chunks, todo, workers) -> Iterator[ShardResult]:
     # Workers degrade and encode pieces of shards; this process writes each shard, in order, as
     # its pieces arrive. Whole shards as tasks left a worker idle whenever a build had few shards
     # per worker (3 shards of 64 samples on 2 workers: 1.44x; pieces: 1.9x, benchmarks/shards.py).
-    pool = ProcessPoolExecutor(max_workers=workers)
+    # Workers end with this process, even when it is killed (a killed build resumes anyway).
+    pool = ProcessPoolExecutor(workers, initializer=exit_with_parent, initargs=(os.getpid(),))
     try:
         results = _in_order(pool, request, pieces, ahead=4 * workers)
         for i, group in itertools.groupby(results, key=lambda result: result[0]):
@@ -341,6 +367,46 @@ def _run_shards(request, chunks, todo, workers) -> Iterator[ShardResult]:
             yield write_shard(request, i, chunks[i], encoded)
     finally:
         pool.shutdown(cancel_futures=True)  # an error or an interrupt stops queued pieces too
+
+
+def _ray_shards(request, chunks, todo) -> Iterator[ShardResult]:
+    """One Ray task per shard, on whichever node has a CPU free. A task runs ``write_shard`` on
+    its own node's disk and returns the bytes, which this process publishes where the build goes:
+    the output needs no mount the nodes share, and the bytes are a local build's."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_shard_bytes)
+    queue = iter(todo)
+    # One task per CPU at a time: every node stays busy, and few finished shards wait in memory.
+    in_flight = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending = {task.remote(request, i, chunks[i]): i for i in itertools.islice(queue, in_flight)}
+    try:
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            del pending[done]
+            result, data = _ray_result(done)
+            storage.write_atomic(request.out / result.name, data)
+            yield result
+            for i in itertools.islice(queue, 1):
+                pending[task.remote(request, i, chunks[i])] = i
+    finally:
+        for ref in pending:  # an error or an interrupt stops the shards still queued
+            ray.cancel(ref)
+
+
+def _shard_bytes(request: BuildRequest, index: int, specs: list[SampleSpec]):
+    with tempfile.TemporaryDirectory(prefix="allinone-shard-") as folder:
+        result = write_shard(replace(request, out=Path(folder)), index, specs)
+        return result, (Path(folder) / result.name).read_bytes()
+
+
+def _ray_result(ref) -> tuple[ShardResult, bytes]:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None  # the ShardError naming the file, not Ray's traceback
 
 
 def _pieces(specs: list[SampleSpec], size: int) -> list[list[SampleSpec]]:
@@ -406,7 +472,7 @@ def _remove_stale_shards(request: BuildRequest, n_shards: int) -> None:
             path.unlink()
 
 
-def _temp_files(out: Path, prefix: str = "") -> list[Path]:
+def _temp_files(out: StoragePath, prefix: str = "") -> list[StoragePath]:
     """Temporary files (shards and manifests being written) that a killed build left behind."""
     return sorted(out.glob(f".{prefix}*.part"))
 
@@ -433,7 +499,7 @@ def _record(manifest: dict[str, Any], result: ShardResult) -> None:
 
 
 # --------------------------------------------------------------------------- manifests
-def read_manifest(out: Path, task: str, split: str) -> dict[str, Any] | None:
+def read_manifest(out: StoragePath, task: str, split: str) -> dict[str, Any] | None:
     """The folder's manifest; one folder holds one task split, so another's is an error."""
     path = out / MANIFEST
     if not path.is_file():
@@ -447,16 +513,16 @@ def read_manifest(out: Path, task: str, split: str) -> dict[str, Any] | None:
     return manifest
 
 
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+def _write_manifest(out: StoragePath, manifest: dict[str, Any]) -> None:
+    storage.write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def shard_folder(root: Path, task: str, split: str) -> Path:
+def shard_folder(root: StoragePath, task: str, split: str) -> StoragePath:
     """A task split's folder under a shard root (a run's is ``<workdir>/shards``)."""
     return root / task / split
 
 
-def shard_urls(out: Path, task: str, split: str) -> list[str]:
+def shard_urls(out: StoragePath, task: str, split: str) -> list[str]:
     """The shards of a complete build, in order; an incomplete or missing build is an error."""
     manifest = read_manifest(out, task, split)
     if manifest is None:
@@ -475,7 +541,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
-def verify_shards(folder: Path) -> VerifyReport:
+def verify_shards(folder: StoragePath) -> VerifyReport:
     """Re-check every manifest in a folder: counts, hashes, each sample decoding as a pair."""
     report = VerifyReport()
     paths = sorted(folder.rglob(MANIFEST))
@@ -501,7 +567,7 @@ def verify_shards(folder: Path) -> VerifyReport:
     return report
 
 
-def _verify_shard(path: Path, record: dict[str, Any], problems: list[str]) -> int:
+def _verify_shard(path: StoragePath, record: dict[str, Any], problems: list[str]) -> int:
     if not path.is_file():
         problems.append(f"{path}: shard missing")
         return 0
@@ -535,10 +601,10 @@ def _check_pair(path: Path, key: str, members: dict[str, bytes], problems: list[
         problems.append(f"{path}: sample {key} has LQ {lq.shape[:2]} but GT {gt.shape[:2]}")
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a shard's members by key (they are adjacent: written sorted)."""
+def iter_tar_samples(path: StoragePath) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a shard's members by key (they are adjacent: written sorted), read as one stream."""
     key, members = None, {}
-    with tarfile.open(path, "r") as tar:
+    with path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue

@@ -1,10 +1,17 @@
 """Where a task's images come from: clean photos to degrade, or real LQ/GT pairs in known layouts.
 
-Layouts of paired datasets, as their authors ship them:
-- ``rain100l``: ``rain/rain-001.png`` pairs with ``norain/norain-001.png``;
+Layouts of paired datasets, as their authors (and the repositories that pass them on) ship them:
+- ``rain100l``: ``rain/rain-001.png`` pairs with ``norain/norain-001.png`` (Rain100L, RainTrainL;
+  PromptIR's ``rainy/`` + ``gt/``; RainTrainL's one folder holding both ``rain-N`` and
+  ``norain-N``);
 - ``sots``: ``hazy/0001_0.8_0.2.jpg`` pairs with ``clear/0001.png`` (name up to the first '_';
-  the numbers are the airlight and scattering coefficient used to synthesise the haze);
-- ``lq_gt``: ``lq/NAME`` pairs with ``gt/NAME`` (same file name).
+  the numbers are the airlight and scattering coefficient used to synthesise the haze): SOTS and
+  ITS, RESIDE's ``gt/`` for ``clear/``, OTS's ``haze/part1..4/`` + ``clear/clear/`` (read
+  through their sub-folders);
+- ``lq_gt``: ``lq/NAME`` pairs with ``gt/NAME`` (same file name);
+- ``gopro``: ``SEQUENCE/blur/NAME`` pairs with ``SEQUENCE/sharp/NAME`` (keys carry the sequence),
+  or the flattened ``input/`` + ``target/`` of later papers;
+- ``lol``: ``low/NAME`` pairs with ``high/NAME`` (LOL's ``our485/`` and ``eval15/``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 
+from allinone.config import DEFAULT_MAX_PIXELS
 from allinone.data.images import LoadedImage, is_image_file, read_image
 
 # scikit-image's bundled photographs (shipped in the wheel, so nothing is downloaded). Grey ones
@@ -76,10 +84,48 @@ def clean_items(source: str | Path) -> list[SourceItem]:
     ]
 
 
+# Sub-folders a paired layout accepts, as its datasets ship them: (degraded, clean) names.
+LAYOUT_FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "rain100l": (("rain", "rainy"), ("norain", "gt")),
+    "sots": (("hazy", "haze"), ("clear", "gt")),
+    "lq_gt": (("lq",), ("gt",)),
+    "lol": (("low",), ("high",)),
+}
+
+
+def layout_folders(root: Path, layout: str) -> tuple[Path, Path] | None:
+    """The (degraded, clean) sub-folders of ``root`` in ``layout``, or None."""
+    lq_names, gt_names = LAYOUT_FOLDERS[layout]
+    lq = next((root / name for name in lq_names if (root / name).is_dir()), None)
+    gt = next((root / name for name in gt_names if (root / name).is_dir()), None)
+    return (lq, gt) if lq and gt else None
+
+
+def holds_layout(root: Path, layout: str) -> bool:
+    """``root`` itself holds a dataset in ``layout`` (a paired layout; see the module's notes)."""
+    if layout == "gopro":
+        return bool(gopro_sequences(root)) or all((root / n).is_dir() for n in ("input", "target"))
+    if layout == "rain100l" and _images(root, start="rain-") and _images(root, start="norain-"):
+        return True  # RainTrainL's single folder
+    return layout_folders(root, layout) is not None
+
+
+def gopro_sequences(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and (p / "blur").is_dir() and (p / "sharp").is_dir()
+    )
+
+
 def paired_items(root: str | Path, layout: str) -> tuple[list[SourceItem], list[Refused]]:
     """LQ/GT pairs of a dataset in a standard layout; a pair missing a side is refused by name."""
     root = _existing_folder(root)
-    pairing = {"rain100l": _rain100l_pairs, "sots": _sots_pairs, "lq_gt": _lq_gt_pairs}
+    pairing = {
+        "rain100l": _rain100l_pairs,
+        "sots": _sots_pairs,
+        "lq_gt": _lq_gt_pairs,
+        "gopro": _gopro_pairs,
+        "lol": _lol_pairs,
+    }
     if layout not in pairing:
         raise SourceError(f"unknown paired layout {layout!r} (known: {sorted(pairing)})")
     items, refused = pairing[layout](root)
@@ -89,31 +135,74 @@ def paired_items(root: str | Path, layout: str) -> tuple[list[SourceItem], list[
 
 
 def _rain100l_pairs(root: Path) -> tuple[list[SourceItem], list[Refused]]:
-    lq_dir, gt_dir = _subfolders(root, "rain", "norain")
-    return _pair_by_name(lq_dir, gt_dir, lambda lq: f"no{lq.stem}")
+    def clean_name(lq: Path) -> str:
+        return f"no{lq.stem}"
+
+    if layout_folders(root, "rain100l") is None and holds_layout(root, "rain100l"):
+        # RainTrainL as released: rain-N and norain-N side by side in one folder.
+        flat = (_images(root, start="rain-"), _images(root, start="norain-"))
+        return _pair_by_name(root, root, clean_name, files=flat)
+    lq_dir, gt_dir = _subfolders(root, "rain100l")
+    return _pair_by_name(lq_dir, gt_dir, clean_name)
 
 
 def _sots_pairs(root: Path) -> tuple[list[SourceItem], list[Refused]]:
-    lq_dir, gt_dir = _subfolders(root, "hazy", "clear")
-    items, refused = _pair_by_name(lq_dir, gt_dir, lambda lq: lq.stem.split("_")[0])
+    lq_dir, gt_dir = _subfolders(root, "sots")
+    files = (_images(lq_dir, recursive=True), _images(gt_dir, recursive=True))
+    items, refused = _pair_by_name(lq_dir, gt_dir, lambda lq: lq.stem.split("_")[0], files=files)
     return [_with_sots_params(item) for item in items], refused
 
 
 def _lq_gt_pairs(root: Path) -> tuple[list[SourceItem], list[Refused]]:
-    lq_dir, gt_dir = _subfolders(root, "lq", "gt")
+    lq_dir, gt_dir = _subfolders(root, "lq_gt")
     return _pair_by_name(lq_dir, gt_dir, lambda lq: lq.stem)
 
 
-def _pair_by_name(lq_dir: Path, gt_dir: Path, gt_stem_of) -> tuple[list[SourceItem], list[Refused]]:
-    gts = {p.stem: p for p in sorted(gt_dir.iterdir()) if is_image_file(p)}
+def _lol_pairs(root: Path) -> tuple[list[SourceItem], list[Refused]]:
+    lq_dir, gt_dir = _subfolders(root, "lol")
+    return _pair_by_name(lq_dir, gt_dir, lambda lq: lq.stem)
+
+
+def _gopro_pairs(root: Path) -> tuple[list[SourceItem], list[Refused]]:
+    sequences = gopro_sequences(root)
+    if not sequences:  # the flattened layout of later papers
+        if not ((root / "input").is_dir() and (root / "target").is_dir()):
+            raise SourceError(
+                f"{root}: expected sequence folders with blur/ + sharp/, or input/ + target/"
+            )
+        return _pair_by_name(root / "input", root / "target", lambda lq: lq.stem)
+    items, refused = [], []
+    for sequence in sequences:
+        found = _pair_by_name(
+            sequence / "blur", sequence / "sharp", lambda lq: lq.stem, f"{sequence.name}_"
+        )
+        items, refused = items + found[0], refused + found[1]
+    return items, refused
+
+
+def _images(folder: Path, recursive: bool = False, start: str = "") -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if is_image_file(p) and p.name.startswith(start) and p.is_file())
+
+
+def _pair_by_name(
+    lq_dir: Path,
+    gt_dir: Path,
+    gt_stem_of,
+    prefix: str = "",
+    files: tuple[list[Path], list[Path]] | None = None,
+) -> tuple[list[SourceItem], list[Refused]]:
+    """Pairs by name, ``files`` (degraded, clean) defaulting to the images in each folder."""
+    lqs, gt_files = files or (_images(lq_dir), _images(gt_dir))
+    gts = {p.stem: p for p in gt_files}
     items, refused, used = [], [], set()
-    for lq in sorted(p for p in lq_dir.iterdir() if is_image_file(p)):
+    for lq in lqs:
         gt = gts.get(gt_stem_of(lq))
         if gt is None:
             refused.append(Refused(str(lq), f"no ground truth '{gt_stem_of(lq)}.*' in {gt_dir}"))
             continue
         used.add(gt.stem)
-        items.append(SourceItem(stem=safe_stem(lq.stem), gt=str(gt), lq=str(lq)))
+        items.append(SourceItem(stem=safe_stem(prefix + lq.stem), gt=str(gt), lq=str(lq)))
     refused += [
         Refused(str(p), f"no degraded counterpart in {lq_dir}")
         for stem, p in gts.items()
@@ -131,11 +220,12 @@ def _with_sots_params(item: SourceItem) -> SourceItem:
     return SourceItem(item.stem, item.gt, item.lq, info)
 
 
-def _subfolders(root: Path, lq: str, gt: str) -> tuple[Path, Path]:
-    missing = [name for name in (lq, gt) if not (root / name).is_dir()]
-    if missing:
-        raise SourceError(f"{root}: expected sub-folders '{lq}/' and '{gt}/', missing: {missing}")
-    return root / lq, root / gt
+def _subfolders(root: Path, layout: str) -> tuple[Path, Path]:
+    found = layout_folders(root, layout)
+    if found is None:
+        lq, gt = ("' or '".join(f"{n}/" for n in names) for names in LAYOUT_FOLDERS[layout])
+        raise SourceError(f"{root}: expected sub-folders '{lq}' and '{gt}'")
+    return found
 
 
 def _existing_folder(source: str | Path) -> Path:
@@ -145,10 +235,10 @@ def _existing_folder(source: str | Path) -> Path:
     return folder
 
 
-def load_clean(ref: str) -> LoadedImage:
-    """Load a clean image given as a path or ``skimage:<name>``."""
+def load_clean(ref: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Load a clean image given as a path or ``skimage:<name>`` (bundled, all small)."""
     if not ref.startswith("skimage:"):
-        return read_image(ref)
+        return read_image(ref, max_pixels)
     name = ref.removeprefix("skimage:")
     if name in ("motorcycle_left", "motorcycle_right"):
         pixels = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]

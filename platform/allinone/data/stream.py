@@ -17,14 +17,15 @@ import io
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from allinone.data import storage
 from allinone.data.images import decode_image_bytes, to_uint8
 from allinone.data.shards import iter_tar_samples, read_manifest, shard_urls
+from allinone.data.storage import StoragePath
 
 SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
 READ_AHEAD_BLOCKS = 16  # shard reads (blocks) decoded ahead of the trainer; see read_ahead_bytes
@@ -56,7 +57,7 @@ class StreamPlan:
 
 
 def task_shards(
-    folder: Path, task: str, task_id: int, split: str = "train", turns: bool = True
+    folder: StoragePath, task: str, task_id: int, split: str = "train", turns: bool = True
 ) -> TaskShards:
     """A built task split's shards (via its manifest), in order."""
     urls = shard_urls(folder, task, split)  # raises a clear error when missing or incomplete
@@ -110,7 +111,7 @@ def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(read["seed"])
     keep = _kept_indices(read["samples"], read["limit"], rng)
     rows = []
-    for index, (key, members) in enumerate(iter_tar_samples(Path(read["url"]))):
+    for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
         if index not in keep:
             continue
         lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")

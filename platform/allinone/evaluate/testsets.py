@@ -23,7 +23,14 @@ from pathlib import Path
 from allinone.config import BenchmarkSet, SplitConfig, TaskConfig, resolve_source, validate
 from allinone.data.images import decode_image_bytes, is_image_file
 from allinone.data.shards import BuildRequest, SampleSpec, encode_samples, plan_samples
-from allinone.data.sources import SourceError, SourceItem, paired_items, safe_stem
+from allinone.data.sources import (
+    LAYOUT_FOLDERS,
+    SourceError,
+    SourceItem,
+    holds_layout,
+    paired_items,
+)
+from allinone.data.storage import StoragePath
 from allinone.evaluate.scoring import Pair, test_pairs
 
 
@@ -52,16 +59,26 @@ STANDARD_SETS: tuple[StandardSet, ...] = (
     StandardSet("GoPro", ("GoPro", "GOPRO_Large"), ("deblur", "motion_blur"), ("gopro",)),
     StandardSet("LOL", ("LOL", "LOLdataset", "LOL-v1"), ("lowlight",), ("lol", "lq_gt")),
 )
+# The training sets of the same papers, as they download (``allinone data check`` finds them):
+# BSD400 + WED for denoising, RainTrainL, RESIDE's OTS / ITS, GoPro's and LOL's own train
+# splits (beside their test splits above), and DF2K's clean photos for every synthetic task.
+MIOIR_TASKS = ("sr", "deblur", "denoise", "jpeg", "derain", "dehaze", "lowlight")
+CLEAN = ("clean",)
+TRAINING_SETS: tuple[StandardSet, ...] = (
+    StandardSet("BSD400", ("BSD400",), ("denoise",), ("clean",)),
+    StandardSet("WED", ("WED", "WaterlooED", "exploration_database_and_code"), ("denoise",), CLEAN),
+    StandardSet("RainTrainL", ("RainTrainL", "rain_data_train_Light"), ("derain",), ("rain100l",)),
+    StandardSet("OTS", ("OTS", "OTS_BETA"), ("dehaze",), ("sots",)),
+    StandardSet("ITS", ("ITS", "ITS_v2"), ("dehaze",), ("sots",)),
+    StandardSet("DIV2K", ("DIV2K", "DIV2K_train_HR", "DIV2K_valid_HR"), MIOIR_TASKS, ("clean",)),
+    StandardSet("Flickr2K", ("Flickr2K", "Flickr2K_HR"), MIOIR_TASKS, ("clean",)),
+)
 THREE_TASK = ("Rain100L", "SOTS-outdoor")  # plus CBSD68 or BSD68
 FIVE_TASK = (*THREE_TASK, "GoPro", "LOL")
 
-# Sub-folders that name a paired layout, and the tasks a set so laid out can only be testing.
-LAYOUT_DIRS = {
-    "rain100l": ("rain", "norain"),
-    "sots": ("hazy", "clear"),
-    "lq_gt": ("lq", "gt"),
-    "lol": ("low", "high"),
-}
+# Sub-folders that name a paired layout (the first name of each side; ``LAYOUT_FOLDERS`` has
+# every name accepted), and the tasks a set so laid out can only be testing.
+LAYOUT_DIRS = {layout: (lq[0], gt[0]) for layout, (lq, gt) in LAYOUT_FOLDERS.items()}
 LAYOUT_TASKS = {
     "rain100l": ("derain", "rain100l"),
     "sots": ("dehaze", "sots"),
@@ -125,7 +142,7 @@ def discover(data: Path, sets: Sequence[StandardSet] = STANDARD_SETS) -> Discove
         if standard is not None:
             result.found.append(_expect_layout(folder, standard))
             continue
-        found = _recognise(folder)
+        found = recognise(folder)
         if found is not None:
             result.found.append(found)
         elif folder != data and folder.name != "test":
@@ -166,7 +183,7 @@ def _describe_layout(layout: str) -> str:
     return " + ".join(f"{d}/" for d in LAYOUT_DIRS[layout])
 
 
-def _recognise(folder: Path) -> FoundSet | None:
+def recognise(folder: Path) -> FoundSet | None:
     """A folder of another name whose sub-folders unmistakably form a paired layout."""
     for layout, tasks in LAYOUT_TASKS.items():
         root = find_layout(folder, layout)
@@ -183,22 +200,9 @@ def find_layout(folder: Path, layout: str) -> Path | None:
         return folder if any(is_image_file(p) for p in folder.iterdir() if p.is_file()) else None
     for inner in INNER:
         root = folder / inner if inner else folder
-        if not root.is_dir():
-            continue
-        if layout == "gopro":
-            if _gopro_sequences(root) or _has_dirs(root, ("input", "target")):
-                return root
-        elif _has_dirs(root, LAYOUT_DIRS[layout]):
+        if root.is_dir() and holds_layout(root, layout):
             return root
     return None
-
-
-def _has_dirs(root: Path, names: Sequence[str]) -> bool:
-    return all((root / name).is_dir() for name in names)
-
-
-def _gopro_sequences(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and _has_dirs(p, ("blur", "sharp")))
 
 
 # --------------------------------------------------------------------------- test sets
@@ -258,45 +262,21 @@ def _paired_request(task: str, root: Path, seed: int) -> BuildRequest:
 
 
 def _paired_items(found: FoundSet) -> list[SourceItem]:
-    if found.layout == "gopro":
-        items = _gopro_items(found.root)
-    elif found.layout == "lol":
-        items = _pairs_by_name(found.root / "low", found.root / "high", "")
-    else:
-        try:
-            items, refused = paired_items(found.root, found.layout)
-        except SourceError as err:
-            raise EvalDataError(str(err)) from None
-        if refused:
-            raise EvalDataError(f"{refused[0].file}: {refused[0].reason}")
-    if not items:
-        raise EvalDataError(f"{found.root}: no {found.layout} pairs found")
-    return items
-
-
-def _gopro_items(root: Path) -> list[SourceItem]:
-    sequences = _gopro_sequences(root)
-    if not sequences:  # the flattened layout of later papers: input/ + target/
-        return _pairs_by_name(root / "input", root / "target", "")
-    items = []
-    for sequence in sequences:
-        items += _pairs_by_name(sequence / "blur", sequence / "sharp", f"{sequence.name}_")
-    return items
-
-
-def _pairs_by_name(lq_dir: Path, gt_dir: Path, prefix: str) -> list[SourceItem]:
-    gts = {p.name: p for p in gt_dir.iterdir() if is_image_file(p)}
-    items = []
-    for lq in sorted(p for p in lq_dir.iterdir() if is_image_file(p)):
-        if lq.name not in gts:
-            raise EvalDataError(f"{lq}: no ground truth {gt_dir / lq.name}")
-        stem = safe_stem(prefix + lq.stem)
-        items.append(SourceItem(stem=stem, gt=str(gts[lq.name]), lq=str(lq)))
+    try:
+        items, refused = paired_items(found.root, found.layout)
+    except SourceError as err:
+        raise EvalDataError(str(err)) from None
+    if refused:
+        raise EvalDataError(f"{refused[0].file}: {refused[0].reason}")
     return items
 
 
 def synthetic_sets(
-    task: str, config: TaskConfig, config_path: Path, seed: int, shards: Path | None = None
+    task: str,
+    config: TaskConfig,
+    config_path: Path,
+    seed: int,
+    shards: StoragePath | None = None,
 ) -> list[EvalSet]:
     """A task's own test split, one set per level: from built shards when given (a curriculum
     has them), else degraded now from the configured source exactly as the shards would be."""
@@ -352,7 +332,9 @@ def _loader(request: BuildRequest, specs: list[SampleSpec]) -> Callable[[int | N
 _LEVEL_IN_KEY = re.compile(r"_l(\d+)_v\d+$")
 
 
-def _shard_loader(folder: Path, task: str, level: int | None) -> Callable[[int | None], Iterator]:
+def _shard_loader(
+    folder: StoragePath, task: str, level: int | None
+) -> Callable[[int | None], Iterator]:
     def load(limit: int | None) -> Iterator[Pair]:
         count = 0
         for key, lq, gt in test_pairs(folder, task):

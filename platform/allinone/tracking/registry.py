@@ -1,18 +1,25 @@
 """Registered models: log a trained model to MLflow and move the ``champion`` alias only on merit.
 
-Models are logged pickled (not through ``torch.export``, MLflow 3's default, which fixes the input
-size) with this package shipped as code, so plain ``mlflow.pytorch.load_model`` returns a module
-that restores an image of any size.
+A version is logged as weights plus a model card: our checkpoint file inside an MLflow pyfunc
+model whose loader is :mod:`allinone.tracking.serving`, so nothing in the registry is pickled or
+code. Plain ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` restore images of any size
+through that loader; our verbs read the checkpoint directly (:mod:`allinone.tracking.resolve`).
+MLflow's ``pt2`` (torch.export) format was measured and not taken: exported with dynamic height
+and width from a 32 x 32 example, promptir tiny restored 64 x 96 but refused 45 x 70, 77 x 123
+and 321 x 481 (a guard fixes both sides to multiples of 8: the padding branch is specialised),
+took 55 s to export on this 2-core CPU and cannot take a task or image bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from allinone.config import Pipeline, PipelineConfig
+from allinone.models.checkpoint import Checkpoint, save_checkpoint
+from allinone.tracking.resolve import ResolveError, resolve_model
 
 DEFAULT_NAME = "allinone"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -36,62 +43,50 @@ class Registration:
         return f"registered {self.name} v{self.version} as @{self.alias} ({self.reason})"
 
 
-def _signature():
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    # Any batch, any height and width: -1 marks every free dimension.
-    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))])
-    return ModelSignature(inputs=spec, outputs=spec)
-
-
 def log_and_register(
-    model: torch.nn.Module,
+    checkpoint: Checkpoint,
     name: str,
     metrics: dict[str, float],
     suite: str,
     score: float | None,
     config: PipelineConfig | None = None,
 ) -> Registration:
-    """Log ``model`` in the active run with its metrics, config, signature and requirements,
+    """Log ``checkpoint`` in the active run with its metrics, config, signature and requirements,
     register a version under ``name``, and give it the alias its ``score`` on ``suite`` earned."""
     import mlflow
 
-    package = Path(__file__).resolve().parent
-    info = mlflow.pytorch.log_model(
-        model.eval(),
-        name="model",
-        serialization_format="pickle",
-        code_paths=[str(package)],
-        signature=_signature(),
-        input_example=_input_example(),
-        registered_model_name=name,
-        pip_requirements=_requirements(),
-        # The resolver reads the pipeline back from here: a registered model needs no run.
-        metadata={
-            "pipeline": config.model_dump(mode="json") if config else None,
-            "task_names": list(getattr(model, "task_names", ())),
-            "eval_suite": suite,
-        },
-    )
+    from allinone.tracking import serving
+
+    run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
+    card = dataclasses.replace(checkpoint, provenance={**checkpoint.provenance, "run_id": run_id})
+    with tempfile.TemporaryDirectory() as folder:
+        weights = save_checkpoint(Path(folder) / Path(serving.WEIGHTS).name, card)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module=serving.__name__,  # imported from the installed package: no code logged
+            data_path=str(weights),
+            signature=serving.signature(),
+            input_example=serving.input_example(),
+            registered_model_name=name,
+            pip_requirements=_requirements(),
+            # The resolver reads the pipeline back from here: a registered model needs no run.
+            metadata={
+                "pipeline": config.model_dump(mode="json") if config else None,
+                "model": checkpoint.spec.to_json(),
+                "task_names": list(checkpoint.spec.task_names),
+                "eval_suite": suite,
+            },
+        )
     if metrics:
         mlflow.log_metrics(metrics, model_id=info.model_id)
     version = str(info.registered_model_version)
     return assign_alias(name, version, score, suite)
 
 
-def _input_example():
-    import numpy as np
-
-    # Small on purpose: the registry test restores a different size to prove nothing is fixed.
-    return np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-
-
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    # What unpickling the model imports (this package ships as code beside it).
+    # What the loader imports; allinone itself must be installed where the model is served.
     packages = (
         "torch",
         "torchvision",
@@ -153,8 +148,9 @@ def register_weights(
     averages = {f"eval/{k}/average_psnr": v for k, v in (eval_averages or {}).items()}
     metrics = {**final, **averages}
     suite, score = ranking(pipeline.config, metrics)
-    model = pipeline.config.model_spec.load(weights)
-    return log_and_register(model, name, metrics, suite, score, pipeline.config)
+    spec = pipeline.config.model_spec
+    checkpoint = Checkpoint(spec, spec.load(weights).state_dict(), {"weights": str(weights)})
+    return log_and_register(checkpoint, name, metrics, suite, score, pipeline.config)
 
 
 def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME) -> Registration:
@@ -163,8 +159,6 @@ def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from allinone.tracking.resolve import ResolveError, resolve_model
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -187,7 +181,9 @@ def register_run(run_id: str, tracking_uri: str | None, name: str = DEFAULT_NAME
         version = mlflow.register_model(resolved.source, name).version
         return assign_alias(name, str(version), score, suite)
     with mlflow.start_run(run_id=run_id):
-        return log_and_register(resolved.module, name, metrics, suite, score, resolved.pipeline)
+        return log_and_register(
+            resolved.checkpoint(), name, metrics, suite, score, resolved.pipeline
+        )
 
 
 BENCHMARK_OBJECTIVE = "eval/all-in-one/average_psnr"
@@ -215,3 +211,27 @@ def ranking(config: PipelineConfig, metrics: dict[str, float]) -> tuple[str, flo
     kind = "benchmarks" if on_benchmarks else "test-splits"
     suite = f"all-in-one:{','.join(config.tasks)}:{kind}-{digest}"
     return suite, metrics.get(BENCHMARK_OBJECTIVE if on_benchmarks else OBJECTIVE)
+
+
+def register_checkpoint(
+    checkpoint: Checkpoint, name: str, tracking_uri: str | None = None
+) -> Registration:
+    """Register an imported checkpoint (an authors' release) in a run of its own, its model
+    card (where it came from, the file's sha256) as the version's tags."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from allinone.tracking.runs import connect
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    experiment = connect(mlflow.get_tracking_uri(), "allinone-imports")
+    spec = checkpoint.spec
+    with mlflow.start_run(experiment_id=experiment, run_name=f"import {spec.name}"):
+        mlflow.log_params({f"imported.{k}": str(v) for k, v in checkpoint.provenance.items()})
+        suite = f"imported:{spec.name}:{spec.preset}"
+        registration = log_and_register(checkpoint, name, {}, suite, None)
+    client = MlflowClient()
+    for key, value in checkpoint.provenance.items():
+        client.set_model_version_tag(name, registration.version, f"card.{key}", str(value))
+    return registration

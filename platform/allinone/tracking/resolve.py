@@ -2,23 +2,31 @@
 
 ``ref`` is one of
 - a registry URI: ``models:/allinone@champion``, ``models:/allinone/3`` (or any ``models:/`` or
-  ``runs:/`` URI MLflow resolves), loaded with ``mlflow.pytorch.load_model``;
+  ``runs:/`` URI MLflow resolves): only its checkpoint file (``data/model.ckpt``, a card and
+  tensors) is downloaded and read, weights-only; nothing of the model is imported or unpickled;
 - an MLflow run id: a curriculum's parent run (or one of its stage runs). Its logged model when
   it has one, else the final stage's weights (the stage run's ``checkpoint`` param) built from
   the run's ``config/pipeline.json``;
 - a checkpoint: a stage's ``model.pt`` (or its folder). The curriculum writes ``model.json``
   beside every stage's weights, naming the architecture and pipeline, so a bare path works; a
-  Ray Train checkpoint inside a work directory borrows the card of a finished stage.
+  Ray Train checkpoint inside a work directory borrows the card of a finished stage; our own
+  checkpoint file (``models import`` writes these) carries its card inside.
 
-The result is a :class:`ResolvedModel`: the module in eval mode, the task names it was trained on
-(its task ids, in order) and the pipeline config (typed, and as the logged dict) when known.
+Every weights file is read tensors-only: one that holds any other pickled object (code to run
+on load) is refused with one line, and nothing in it runs.
+
+The result is a :class:`ResolvedModel`: the module in eval mode, its ModelSpec (with the task
+names it was trained on, its task ids, in order) and the pipeline config (typed, and as the
+logged dict) when known.
 Anything that does not resolve raises :class:`ResolveError` with one line naming the reference.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,13 @@ import torch
 from allinone.base.errors import first_line
 from allinone.base.files import write_atomic
 from allinone.config import PipelineConfig
+from allinone.models.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    is_checkpoint_file,
+    load_checkpoint,
+)
+from allinone.models.spec import ModelSpec
 from allinone.models.weights import read_state_file, state_dict_mismatch
 
 CARD_FILE = "model.json"  # beside a stage's model.pt: which model and pipeline it belongs to
@@ -39,17 +54,31 @@ class ResolveError(ValueError):
     """A model reference that does not lead to a loadable model; the message names it."""
 
 
+class PickledModelError(ResolveError):
+    """A logged model in another format than ours (earlier versions logged pickles)."""
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     module: torch.nn.Module  # in eval mode
-    task_names: tuple[str, ...]  # the model's task ids, in curriculum order
+    spec: ModelSpec  # what the network is, and its task names
     config: dict[str, Any] | None  # the pipeline config as logged, when known
     source: str  # what was loaded, for messages: a file, a run, a registry version
     run_id: str | None = None  # the MLflow run the model came from, when known
 
     @property
+    def task_names(self) -> tuple[str, ...]:
+        """The model's task ids, in curriculum order."""
+        return self.spec.task_names
+
+    @property
     def pipeline(self) -> PipelineConfig | None:
         return PipelineConfig.model_validate(self.config) if self.config else None
+
+    def checkpoint(self) -> Checkpoint:
+        """The card and the weights, to log or save as one self-describing file."""
+        provenance = {"source": self.source, "run_id": self.run_id}
+        return Checkpoint(self.spec, self.module.state_dict(), provenance)
 
 
 def resolve_model(ref: str, tracking_uri: str | None = None) -> ResolvedModel:
@@ -79,6 +108,8 @@ def from_checkpoint(path: Path) -> ResolvedModel:
     weights = path / "model.pt" if path.is_dir() else path
     if not weights.is_file():
         raise ResolveError(f"{path}: no model.pt in this folder")
+    if is_checkpoint_file(weights):  # self-describing: `models import` writes these
+        return _from_checkpoint_file(weights)
     card_path = _find_card(weights)
     if card_path is None:
         raise ResolveError(
@@ -91,6 +122,42 @@ def from_checkpoint(path: Path) -> ResolvedModel:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ResolveError(f"{card_path}: not a model card ({err})") from None
     return _build_and_load(config, weights, source=str(weights))
+
+
+def _from_checkpoint_file(path: Path) -> ResolvedModel:
+    return _loaded(_read_checkpoint(path, str(path)), None, str(path))
+
+
+def _read_checkpoint(path: Path, name: str) -> Checkpoint:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise _unreadable(path, name, err) from None
+
+
+def _unreadable(path: Path, name: str, err: Exception) -> ResolveError:
+    """One line for a weights file that did not load, ``name`` standing for ``path``."""
+    if isinstance(err.__cause__ or err.__context__, pickle.UnpicklingError):
+        return ResolveError(
+            f"{name}: refused: it holds pickled Python objects, not only tensors, and only "
+            "tensors are read (nothing in it was run)"
+        )
+    return ResolveError(first_line(err).replace(str(path), name))
+
+
+def _loaded(
+    checkpoint: Checkpoint, config: dict[str, Any] | None, source: str, run_id: str | None = None
+) -> ResolvedModel:
+    spec = checkpoint.spec
+    try:
+        module = spec.build()
+    except ValueError as err:
+        raise ResolveError(f"{source}: {first_line(err)}") from None
+    mismatch = state_dict_mismatch(module, checkpoint.state_dict)
+    if mismatch:
+        raise ResolveError(f"{source}: does not fit {spec.name} (preset {spec.preset}): {mismatch}")
+    module.load_state_dict(checkpoint.state_dict)
+    return ResolvedModel(module.eval(), spec, config, source, run_id)
 
 
 def _find_card(weights: Path) -> Path | None:
@@ -115,14 +182,14 @@ def _build_and_load(
         module = spec.build()
         state = read_state_file(weights, spec.name)
     except (ValueError, FileNotFoundError) as err:
-        raise ResolveError(f"{source}: {err}") from None
+        raise _unreadable(weights, str(weights), err) from None
     mismatch = state_dict_mismatch(module, state)
     if mismatch:
         raise ResolveError(
             f"{weights}: not weights of {spec.name} (preset {spec.preset}): {mismatch}"
         )
     module.load_state_dict(state)
-    return ResolvedModel(module.eval(), spec.task_names, config, source, run_id)
+    return ResolvedModel(module.eval(), spec, config, source, run_id)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -154,20 +221,32 @@ def _from_uri(uri: str, tracking_uri: str | None) -> ResolvedModel:
     where = tracking_uri or mlflow.get_tracking_uri()
     try:
         info = mlflow.models.get_model_info(uri)
-        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+        checkpoint = _registered_checkpoint(uri, info)
     except MlflowException as err:
         raise ResolveError(f"model {uri} does not resolve in {where}: {first_line(err)}") from None
     except OSError as err:
         raise ResolveError(f"model {uri} could not be read from {where}: {err}") from None
     config = (info.metadata or {}).get("pipeline") or _run_config(info.run_id)
-    return _resolved_module(module, config, uri, info.run_id)
+    return _loaded(checkpoint, config, uri, info.run_id)
 
 
-def _resolved_module(module, config, source: str, run_id: str | None) -> ResolvedModel:
-    names = getattr(module, "task_names", None) or (config or {}).get("tasks")
-    if not names:
-        raise ResolveError(f"{source}: the model does not say which tasks it was trained on")
-    return ResolvedModel(module.eval(), tuple(names), config, source, run_id)
+def _registered_checkpoint(uri: str, info) -> Checkpoint:
+    """The checkpoint file of a model logged by :mod:`allinone.tracking.registry`, downloaded
+    alone and read weights-only; any other kind of model is refused before it is downloaded."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from allinone.tracking import serving
+
+    pyfunc = info.flavors.get("python_function", {})
+    if pyfunc.get("loader_module") != serving.__name__ or pyfunc.get("data") != serving.WEIGHTS:
+        raise PickledModelError(
+            f"model {uri} is not stored as an allinone checkpoint (flavors: "
+            f"{', '.join(info.flavors)}); a pickled model runs code when loaded and is not "
+            f"loaded here: register its run again (allinone register --run-id {info.run_id})"
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(get_artifact_repository(uri).download_artifacts(serving.WEIGHTS, folder))
+        return _read_checkpoint(local, f"model {uri} ({serving.WEIGHTS})")
 
 
 def _from_run(run_id: str, tracking_uri: str | None) -> ResolvedModel:
@@ -182,13 +261,16 @@ def _from_run(run_id: str, tracking_uri: str | None) -> ResolvedModel:
         raise ResolveError(f"run {run_id} not found in {where}") from None
     logged = logged_model_uri(run)
     if logged:
-        return _from_uri(logged, tracking_uri)
+        try:
+            return _from_uri(logged, tracking_uri)
+        except PickledModelError:
+            pass  # logged by an earlier version: the stage weights below are read instead
     weights = final_weights(client, run)
     config = _run_config(run.data.tags.get("mlflow.parentRunId") or run_id) or _run_config(run_id)
     if weights is None or config is None:
         raise ResolveError(
-            f"run {run_id} ({where}) has no logged model and no finished stage with weights "
-            "and config/pipeline.json"
+            f"run {run_id} ({where}) has no logged model of ours and no finished stage with "
+            "weights and config/pipeline.json"
         )
     if not weights.is_file():
         raise ResolveError(f"run {run_id}: its final weights {weights} are not on this machine")

@@ -16,10 +16,13 @@ CURRICULUM_STEP = "curriculum_step"  # steps since the curriculum began: ASHA's 
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: kill a worker once, hard, when it reaches ``at_step`` (``marker`` remembers)."""
+    """Test hook: kill a worker once, hard, when it reaches ``at_step`` (``marker`` remembers);
+    with ``after_checkpoint``, right after reporting that step's checkpoint, before Ray Train's
+    controller has collected the report."""
 
     at_step: int
     marker: str
+    after_checkpoint: bool = False
 
 
 @dataclass(frozen=True)

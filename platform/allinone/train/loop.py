@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -89,10 +91,16 @@ def train_stage(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed + rank)
 
     model = build_model(job)
+    if hasattr(model, "seed_training"):  # a model that draws noise and timesteps (diffusion)
+        model.seed_training(job.seed + rank)
     engine = _engine(deepspeed, model, train, job, world)
+    if train.compile != "off":
+        engine.compile(backend=train.compile)
     ema = Ema(model, train.ema_decay) if train.ema_decay else None
     step = _restore(engine, ema, ray.train.get_checkpoint())
     logger = StepLogger(job, rank) if rank == 0 else None
+    if logger and step:
+        logger.log_resume(step)
     validator = Validator(job, rank)
 
     device = engine.device
@@ -105,11 +113,11 @@ def train_stage(config: dict[str, Any]) -> None:
     for batch in _forever(batches, stream, job.batch_size, job.shuffle_rows):
         if step >= job.steps:
             break
-        _maybe_inject_failure(job.fault, step)
-        lq, gt, task_id = _to_device(batch, device, dtype)
+        _maybe_inject_failure(job.fault, step, after_checkpoint=False)
+        lq, gt, task_id = _to_device(batch, device, dtype, train.channels_last)
         loss, parts = _loss(engine, lq, gt, task_id, train)
         if not math.isfinite(parts["total"]):
-            _record_nonfinite(job, step + 1, parts["total"])
+            _record_nonfinite(job, step + 1, "loss", parts["total"])
             return
         engine.backward(loss)
         engine.step()
@@ -126,6 +134,11 @@ def train_stage(config: dict[str, Any]) -> None:
         save = final or step % train.checkpoint_every == 0
         if evaluate or save:
             weights = consolidated_weights(engine, ema)  # every rank: ZeRO-3 gathers
+            # The loss was finite before this step's update; what the update made may not be
+            # (an infinite learning rate, an overflow): nothing non-finite is scored or saved.
+            if not all_finite(engine, weights, ema is not None):
+                _record_nonfinite(job, step, "weights", parts["total"])
+                return
             scores = validator.scores(weights, device) if evaluate else {}
             if logger and scores:
                 logger.log_validation(step, scores)
@@ -180,8 +193,14 @@ def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
     return engine
 
 
-def _to_device(batch, device, dtype):
-    return to_model_batch(batch, device=str(device), dtype=dtype)
+def _to_device(batch, device, dtype, channels_last: bool = False):
+    """The batch on the device; NHWC when asked. Only the activations: a convolution follows its
+    input's layout, and DeepSpeed views every parameter's bytes (to broadcast and flatten it),
+    which a channels_last weight refuses."""
+    lq, gt, task_id = to_model_batch(batch, device=str(device), dtype=dtype)
+    if channels_last:
+        lq, gt = (t.contiguous(memory_format=torch.channels_last) for t in (lq, gt))
+    return lq, gt, task_id
 
 
 def _loss(engine, lq, gt, task_id, train: TrainSection):
@@ -252,6 +271,13 @@ def _report(
             }
             (Path(folder) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    _maybe_inject_failure(job.fault, step, after_checkpoint=True)
+    # The controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s); until it has
+    # registered this one, a crash would lose it and a restart would go back one more interval.
+    # Wait for that (at most one poll): then a restart repeats at most one checkpoint interval.
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
 
 
 def consolidated_weights(engine, ema) -> dict[str, torch.Tensor]:
@@ -270,17 +296,34 @@ def consolidated_weights(engine, ema) -> dict[str, torch.Tensor]:
 
 def _restore(engine, ema, checkpoint) -> int:
     """Resume a restarted worker from the stage's last checkpoint; 0 when starting fresh."""
+    from allinone.train.deepspeed_files import weights_only_loads
+
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as folder:
+    with checkpoint.as_directory() as folder, weights_only_loads(engine):
         _, client_state = engine.load_checkpoint(folder, tag=DS_TAG)
         if ema and (Path(folder) / "ema.pt").is_file():
             ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=True))
     return int(client_state["step"])
 
 
-def _record_nonfinite(job: StageJob, step: int, loss: float) -> None:
-    """Leave the verdict for the driver and stop without touching any checkpoint.
+def all_finite(engine, weights: dict[str, torch.Tensor], with_ema: bool) -> bool:
+    """Whether the weights to be saved (and the engine's own, which the DeepSpeed checkpoint
+    holds, when EMA's are saved) are all finite, agreed by every rank: a rank that reported
+    alone would wait for the others forever."""
+    tensors = list(weights.values())
+    if with_ema:  # under ZeRO-3 each rank checks its partition; the reduction joins them
+        tensors += [p.detach() for p in engine.module.parameters()]
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    flag = torch.tensor([1.0 if finite else 0.0], device=engine.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _record_nonfinite(job: StageJob, step: int, what: str, loss: float) -> None:
+    """Leave the verdict (``what`` became non-finite: the loss or the weights) for the driver
+    and stop without touching any checkpoint.
 
     Not raised: Ray Train retries every worker error, and a diverged run fails the same way each
     time. Not reported: a report without a checkpoint never reaches the driver's Result.
@@ -290,21 +333,19 @@ def _record_nonfinite(job: StageJob, step: int, loss: float) -> None:
     if ray.train.get_context().get_world_rank() == 0 and job.status_dir:
         Path(job.status_dir).mkdir(parents=True, exist_ok=True)
         (Path(job.status_dir) / NONFINITE_FILE).write_text(
-            json.dumps({"step": step, "loss": str(loss)})
+            json.dumps({"step": step, "what": what, "loss": str(loss)})
         )
 
 
-def _maybe_inject_failure(fault: FaultInjection | None, step: int) -> None:
-    """Test hook: kill this process once, hard, to exercise Ray Train's worker restart."""
-    if fault is None or step != fault.at_step:
+def _maybe_inject_failure(fault: FaultInjection | None, step: int, after_checkpoint: bool) -> None:
+    """Test hook: kill this process once, hard, to exercise Ray Train's worker restart: before
+    the step after ``fault.at_step``, or right after reporting the step's checkpoint."""
+    if fault is None or step != fault.at_step or fault.after_checkpoint != after_checkpoint:
         return
     marker = Path(fault.marker)
     if marker.exists():
         return
     marker.write_text(str(step))
-    # Ray Train's controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a
-    # crash sooner than that after a report can lose it. Die once it has surely been collected.
-    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1.0)
     os._exit(1)
 
 
@@ -331,8 +372,66 @@ class Ema:
         self.shadow = {k: v.float().clone() for k, v in state.items()}
 
 
+@dataclass(frozen=True)
+class StepLine:
+    """Rank 0's progress line: read by people as printed, and parsed back by the command line's
+    progress bars (which see it among everything else the workers print)."""
+
+    stage: str
+    step: int
+    steps: int
+    loss: str  # named for what it is: "train PSNR 24.31 dB", "l1 0.0312"
+    lr: float
+    rate: float  # samples/s
+
+    PATTERN: ClassVar[re.Pattern] = re.compile(
+        r"^\[(?P<stage>[^\]]+)\] step (?P<step>\d+)/(?P<steps>\d+) (?P<loss>.+), "
+        r"lr (?P<lr>\S+), (?P<rate>[\d.]+) samples/s$"
+    )
+
+    def __str__(self) -> str:
+        return (
+            f"[{self.stage}] step {self.step}/{self.steps} {self.loss}, lr {self.lr:.1e}, "
+            f"{self.rate:.1f} samples/s"
+        )
+
+    @classmethod
+    def parse(cls, line: str) -> StepLine | None:
+        found = cls.PATTERN.match(line.strip())
+        if found is None:
+            return None
+        values = found.groupdict()
+        return cls(
+            values["stage"],
+            int(values["step"]),
+            int(values["steps"]),
+            values["loss"],
+            float(values["lr"]),
+            float(values["rate"]),
+        )
+
+
+# Every line rank 0 prints about a stage starts so: the quiet console keeps these, and only these.
+STAGE_LINE = re.compile(r"^\[[^\]]+\] step \d+/\d+ ")
+
+
+def named_loss(parts: dict[str, float], pixel_loss: str) -> str:
+    """The training loss as a reader understands it: the psnr pixel loss is minus the batch's
+    mean PSNR, so it is shown as that PSNR in dB; the total follows when auxiliary terms add to
+    the pixel loss."""
+    pixel = parts.get("pixel")
+    if pixel is None:  # the model's own objective (a diffusion model's noise prediction)
+        return f"loss {parts['total']:.4f}"
+    text = f"train PSNR {-pixel:.2f} dB" if pixel_loss == "psnr" else f"{pixel_loss} {pixel:.4f}"
+    auxiliary = set(parts) - {"pixel", "total"}
+    return f"{text} (total loss {parts['total']:.4f})" if auxiliary else text
+
+
 class StepLogger:
-    """Rank 0's progress line and MLflow metrics (loss, its parts, lr, samples/s)."""
+    """Rank 0's progress line and MLflow metrics (loss, its parts, lr, samples/s).
+
+    A restarted worker (or a resumed driver) trains again the steps after its last checkpoint;
+    each step is logged to MLflow once: what a run already holds for a metric is not repeated."""
 
     def __init__(self, job: StageJob, rank: int) -> None:
         self.job, self.every = job, job.train.log_every
@@ -342,6 +441,14 @@ class StepLogger:
 
             self.client = MlflowClient(job.tracking_uri)
         self.window: list[tuple[float, float]] = []
+        self.logged: dict[tuple[str, str], int] = {}  # (run, metric) -> last step it holds
+
+    def log_resume(self, step: int) -> None:
+        """A worker that starts from a checkpoint says so: a line, and ``train/resumed_at``."""
+        where = f"[{self.job.stage_name}] step {step}/{self.job.steps}"
+        print(f"{where} resumed from its checkpoint", flush=True)
+        if self.client:
+            self._to_mlflow(step, {"train/resumed_at": float(step)})
 
     def log(
         self, step: int, parts: dict[str, float], lr: float, samples: int, seconds: float
@@ -351,11 +458,8 @@ class StepLogger:
             return
         rate = sum(s for s, _ in self.window) / max(1e-9, sum(t for _, t in self.window))
         self.window.clear()
-        print(
-            f"[{self.job.stage_name}] step {step}/{self.job.steps} loss {parts['total']:.4f} "
-            f"lr {lr:.2e} {rate:.1f} samples/s",
-            flush=True,
-        )
+        loss = named_loss(parts, self.job.train.pixel_loss)
+        print(StepLine(self.job.stage_name, step, self.job.steps, loss, lr, rate), flush=True)
         if self.client:
             named = {("loss" if k == "total" else k): v for k, v in parts.items()}
             self._to_mlflow(
@@ -385,6 +489,16 @@ class StepLogger:
     def _to_mlflow(self, step: int, values: dict[str, float], run_id: str | None = None) -> None:
         from mlflow.entities import Metric
 
+        run = run_id or self.job.mlflow_run_id
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in values.items()]
-        self.client.log_batch(run_id or self.job.mlflow_run_id, metrics=metrics)
+        metrics = [Metric(k, v, now, step) for k, v in values.items() if step > self._last(run, k)]
+        if metrics:
+            self.client.log_batch(run, metrics=metrics)
+        self.logged.update({(run, m.key): step for m in metrics})
+
+    def _last(self, run: str, key: str) -> int:
+        """The last step ``run`` holds for ``key`` (asked once per worker, then remembered)."""
+        if (run, key) not in self.logged:
+            history = self.client.get_metric_history(run, key)
+            self.logged[run, key] = max((m.step for m in history), default=-1)
+        return self.logged[run, key]

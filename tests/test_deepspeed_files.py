@@ -1,0 +1,84 @@
+"""A restarted worker resumes from DeepSpeed's checkpoint files read tensors-only: a real resume
+works under ZeRO 0, 2 and 3, and a crafted pickle in place of its files is refused unrun."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# One process, world size 1 over gloo, as a Ray Train worker on a CPU (a fresh process: the
+# process group must not outlive the test). argv: port, folder, marker.
+SCRIPT = """
+import json, os, pickle, sys
+import torch, torch.distributed as dist
+
+port, root, marker = sys.argv[1:]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import deepspeed, ray.train
+from allinone.train.loop import DS_TAG, _restore
+
+dist.init_process_group("gloo")
+
+
+class Payload:  # unpickling it would create the marker: code hidden in a checkpoint file
+    def __reduce__(self):
+        return open, (marker, "w")
+
+
+def engine(stage, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 3, 3))
+    config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
+              "steps_per_print": 10**9}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    made, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                    optimizer=optimizer, config=config, dist_init_required=False)
+    return made
+
+
+def resume(stage, folder):
+    try:
+        return _restore(engine(stage, seed=1), None, ray.train.Checkpoint.from_directory(folder))
+    except pickle.UnpicklingError:
+        return "refused"
+
+
+found = {}
+for stage in (0, 2, 3):
+    folder = os.path.join(root, f"zero{stage}")
+    trained = engine(stage, seed=0)
+    trained.backward(trained(torch.rand(2, 3, 16, 16)).mean())
+    trained.step()
+    trained.save_checkpoint(folder, tag=DS_TAG, client_state={"step": 7})
+    resumed = resume(stage, folder)
+    for name in os.listdir(os.path.join(folder, DS_TAG)):
+        torch.save({"state_dict": {"weight": Payload()}}, os.path.join(folder, DS_TAG, name))
+    found[stage] = [resumed, resume(stage, folder)]
+print(json.dumps(found))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_deepspeed_resume_reads_its_files_tensors_only(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(_free_port()), str(tmp_path), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # Each stage resumed at its saved step, then refused its files once they were crafted.
+    assert found == {"0": [7, "refused"], "2": [7, "refused"], "3": [7, "refused"]}
+    assert not marker.exists()
