@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -263,17 +265,14 @@ def test_non_finite_loss_fails_the_stage_and_keeps_the_checkpoint(
 
 
 def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path: Path, ray_session) -> None:
-    """An update that overflows (the loss before it was finite) must not become a checkpoint."""
-    pipeline = load_pipeline(
-        write_pipeline(
-            tmp_path,
-            "overflow",
-            tasks=("denoise",),
-            steps=(4,),
-            checkpoint_every=1,
-            train=", lr: 1.0e+39, grad_clip: null",  # finite, but beyond float32
-        )
+    """The issue's drill: an infinite learning rate (config files now refuse it; a caller's own
+    config is not checked by them) makes the first update's weights inf and NaN, while the loss
+    before that update was finite. No checkpoint may hold them."""
+    loaded = load_pipeline(
+        write_pipeline(tmp_path, "overflow", tasks=("denoise",), steps=(4,), checkpoint_every=1)
     )
+    train = loaded.config.train.model_copy(update={"lr": math.inf})  # not validated, on purpose
+    pipeline = dataclasses.replace(loaded, config=loaded.config.model_copy(update={"train": train}))
     message = r"the weights became non-finite at step 1 .*; no finite checkpoint was saved"
     with pytest.raises(CurriculumError, match=message):
         run_pipeline(pipeline, RunOptions(tmp_path / "work", register=False), say=lambda *_: None)

@@ -416,6 +416,11 @@ def test_transparency_is_flattened_onto_white(tmp_path: Path) -> None:
     grey = read_image(tmp_path / "grey.png")
     assert grey.conversions == ["grey-alpha->rgb on white", "grey->rgb"]
     np.testing.assert_allclose(grey.pixels, 1.0)
+    palette = Image.new("P", (16, 16), 0)
+    palette.save(tmp_path / "opaque.png")
+    palette.save(tmp_path / "clear.png", transparency=0)
+    assert read_image(tmp_path / "opaque.png", flatten=False).alpha is None  # nothing to keep
+    assert read_image(tmp_path / "clear.png", flatten=False).alpha.max() == 0.0
 
 
 def test_a_pair_a_few_pixels_apart_is_centre_cropped_with_both_sizes_noted(tmp_path: Path) -> None:

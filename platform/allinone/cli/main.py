@@ -705,7 +705,7 @@ def _print_results(results) -> None:
     for table in results_tables(results):
         console.print(table)
     for note in results.notes:
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
+        console.print(note, highlight=False, markup=False)
     for name, value in results.averages().items():
         console.print(f"{name}: average PSNR {value:.2f} dB", highlight=False)
 

@@ -117,10 +117,12 @@ def _to_rgb_float(img: Image.Image, flatten: bool = True) -> LoadedImage:
     alpha = None
     if array.ndim == 3 and array.shape[2] in (2, 4):
         array, alpha = array[..., :-1], array[..., -1]
-        if flatten:
-            array = _flatten_on_white(array, alpha[..., None])
-            conversions.append(f"{'grey-alpha' if array.shape[2] == 1 else 'rgba'}->{_ON_WHITE}")
-            alpha = None
+        # A palette converts to RGBA whether or not it has a transparent entry.
+        alpha = alpha if "A" in img.mode or "transparency" in img.info else None
+    if alpha is not None and flatten:
+        array = _flatten_on_white(array, alpha[..., None])
+        conversions.append(f"{'grey-alpha' if array.shape[2] == 1 else 'rgba'}->{_ON_WHITE}")
+        alpha = None
     return LoadedImage(_to_three_channels(array, conversions), conversions, alpha)
 
 

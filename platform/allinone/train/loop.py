@@ -136,7 +136,7 @@ def train_stage(config: dict[str, Any]) -> None:
             weights = consolidated_weights(engine, ema)  # every rank: ZeRO-3 gathers
             # The loss was finite before this step's update; what the update made may not be
             # (an infinite learning rate, an overflow): nothing non-finite is scored or saved.
-            if not all_finite(engine, weights, ema is not None):
+            if not _all_finite(engine, weights, ema is not None):
                 _record_nonfinite(job, step, "weights", parts["total"])
                 return
             scores = validator.scores(weights, device) if evaluate else {}
@@ -307,7 +307,7 @@ def _restore(engine, ema, checkpoint) -> int:
     return int(client_state["step"])
 
 
-def all_finite(engine, weights: dict[str, torch.Tensor], with_ema: bool) -> bool:
+def _all_finite(engine, weights: dict[str, torch.Tensor], with_ema: bool) -> bool:
     """Whether the weights to be saved (and the engine's own, which the DeepSpeed checkpoint
     holds, when EMA's are saved) are all finite, agreed by every rank: a rank that reported
     alone would wait for the others forever."""
