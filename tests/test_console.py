@@ -18,7 +18,7 @@ from rich.console import Console
 
 from allinone.cli.closing import Closing, headline_rich, print_closing, results_tables
 from allinone.cli.console import LOG_FILE, LogFile, RunProgress, run_console
-from allinone.evaluate.headline import headline, headline_table
+from allinone.evaluate.headline import Headline, headline, headline_table
 from allinone.evaluate.suites import Results, Row
 from allinone.train.loop import StepLine, named_loss
 
@@ -171,6 +171,8 @@ def test_the_headline_measures_the_model_against_the_strongest_method() -> None:
     assert header == ["set", "images", "input", "model", "TV", "NLM", "margin"]
     assert body[0][-1] == "-0.41 vs NLM" and body[1][-1] == "+0.17 vs NLM"
     assert body[2][4:] == ["-", "-", "+8.62 vs input"]  # no classical method for rain
+    hazy = Headline("dehaze", "SOTS-outdoor", 2, 18.25, 17.89, 0.8, {"dark_channel": 15.29})
+    assert hazy.rival == ("input", 18.25)  # a method that harms its input is no bar
 
 
 def test_eval_tables_fit_80_columns_with_whole_set_names() -> None:

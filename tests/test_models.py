@@ -186,9 +186,10 @@ def test_models_list_counts_without_building_weights() -> None:
         real = (models.count_parameters(model), models.count_parameters(model, trainable_only=True))
         assert rows[name, "tiny"] == real
     assert rows["clip_prompt", "tiny"][1] < rows["clip_prompt", "tiny"][0]
-    # Built for real, the paper presets (one of 1B parameters, 4 GB of fp32) took 5 GB.
+    # Built for real, the paper presets (one of 2B parameters, 8.5 GB of fp32) took over 9 GB;
+    # counted on the meta device the process peaks at 1-2 GB (torch, diffusers, open_clip).
     peak_kib = int(listed.stderr.split("peak-rss-kib")[-1])
-    assert rows["perceiver", "paper"][0] > 10**9 and peak_kib < 2 * 1024**2, peak_kib
+    assert rows["perceiver", "paper"][0] > 2 * 10**9 and peak_kib < 3 * 1024**2, peak_kib
 
 
 def test_a_models_own_aux_weights_apply_unless_the_pipeline_names_them() -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,7 @@ def test_a_crafted_pickle_as_a_release_runs_nothing(tmp_path) -> None:
 
 
 def test_models_list_shows_the_official_counts() -> None:
-    done = allinone_cli("models", "list", env=None)
+    done = allinone_cli("models", "list", env={**os.environ, "COLUMNS": "200"})  # a row a line
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {
         tuple(cell.strip() for cell in line.split("│")[1:3]): line

@@ -217,6 +217,7 @@ def session(tmp_path_factory, ray_session) -> Session:
         )
         if command == "make run":
             log = (project / "runs" / "quickstart" / "logs" / "console.log").read_text()
+            (root / "make-run.txt").write_text(result.stdout)  # what the user saw, to read later
             for block_command in next_commands(result.stdout):
                 ran[f"block: {block_command}"] = run_command(block_command, project, env)
             # What they wrote, gone: the README's own restore and report write the same names,

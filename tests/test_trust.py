@@ -107,6 +107,26 @@ def test_a_local_run_listens_on_loopback_only_and_dies_with_its_driver(tmp_path:
             process.kill()
 
 
+JOIN = """
+import sys
+import ray
+from allinone.cluster.ray import start_ray
+start_ray(sys.argv[1])
+print(ray.get(ray.remote(lambda: "joined").remote(), timeout=120))
+"""
+
+
+def test_another_driver_joins_the_loopback_cluster(ray_session) -> None:
+    """A second driver on this machine (`allinone run --address 127.0.0.1:PORT`, a resumed
+    study's) reaches the local cluster at 127.0.0.1, not at this machine's network address."""
+    address = ray_session.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:")
+    joined = subprocess.run(
+        [sys.executable, "-c", JOIN, address], capture_output=True, text=True, timeout=300
+    )
+    assert joined.stdout.strip() == "joined", joined.stderr[-3000:]
+
+
 def test_shard_build_workers_die_with_their_parent(tmp_path: Path) -> None:
     build = subprocess.Popen(
         _allinone("shards", "build", REPO / "tasks" / "denoise.yaml", "--source", CLEAN_PHOTOS)

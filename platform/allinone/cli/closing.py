@@ -70,17 +70,16 @@ class Closing:
 
 def print_closing(console: Console, closing: Closing) -> None:
     console.rule(closing.title)
-    facts = Table.grid(padding=(0, 2))
-    facts.add_column(style="bold", no_wrap=True)
-    facts.add_column(overflow="fold")
-    facts.add_row("run id", closing.run_id)
-    facts.add_row("work folder", shown_path(closing.workdir))
-    facts.add_row("tracking URI", closing.tracking_uri)
-    if closing.model:
-        facts.add_row("model", f"{closing.model} {closing.model_note or ''}".strip())
-    if closing.log:
-        facts.add_row("full log", shown_path(closing.log))
-    console.print(facts)
+    facts = [
+        ("run id", closing.run_id),
+        ("work folder", shown_path(closing.workdir)),
+        ("tracking URI", closing.tracking_uri),
+        ("model", f"{closing.model} {closing.model_note or ''}".strip() if closing.model else ""),
+        ("full log", shown_path(closing.log) if closing.log else ""),
+    ]
+    for label, value in facts:  # one line each, never wrapped: a URI stays pasteable
+        if value:
+            console.print(f"{label:<14}{value}", highlight=False, markup=False, soft_wrap=True)
     for note in _job_notes(closing.tracking_uri):
         console.print(note, highlight=False, soft_wrap=True)
     if closing.headline:
@@ -143,7 +142,9 @@ def _table(title: str | None, header: list[str], first_left: int = 1) -> Table:
 
 def headline_rich(lines: list[Headline]) -> Table:
     header, body = headline_table(lines)
-    table = _table("Real test sets: PSNR (dB), margin over the strongest method", header)
+    table = _table(
+        "Real test sets: PSNR (dB), margin over the strongest method or the input", header
+    )
     for row in body:
         table.add_row(*row)
     return table

@@ -32,38 +32,29 @@ from allinone.data.storage import StorageError
 USER_ERRORS = (ConfigError, ShardError, SourceError, ImageReadError, StorageError)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # Errors of the heavier modules are imported only when a command got that far.
-    from allinone.cli.restore import RestoreError
-    from allinone.cli.stores import StoreError
-    from allinone.cluster.jobs import JobError
-    from allinone.cluster.ray import ClusterError
-    from allinone.curriculum.state import CurriculumError
-    from allinone.evaluate.suites import EvalError
-    from allinone.evaluate.testsets import EvalDataError
-    from allinone.models.checkpoint import CheckpointError
-    from allinone.models.importer import CheckpointImportError
-    from allinone.tracking.report import ReportError
-    from allinone.tracking.resolve import ResolveError
-    from allinone.tracking.runs import TrackingError
-    from allinone.tune.study import StudyError
+# The heavier stages' errors, by module: only a module that was imported can have raised one, so
+# looking them up in ``sys.modules`` costs nothing (``--help`` exits through here too).
+_STAGE_ERRORS = (
+    ("allinone.cli.restore", "RestoreError"),
+    ("allinone.cli.stores", "StoreError"),
+    ("allinone.cluster.jobs", "JobError"),
+    ("allinone.cluster.ray", "ClusterError"),
+    ("allinone.curriculum.state", "CurriculumError"),
+    ("allinone.evaluate.suites", "EvalError"),
+    ("allinone.evaluate.testsets", "EvalDataError"),
+    ("allinone.models.checkpoint", "CheckpointError"),
+    ("allinone.models.importer", "CheckpointImportError"),
+    ("allinone.tracking.report", "ReportError"),
+    ("allinone.tracking.resolve", "ResolveError"),
+    ("allinone.tracking.runs", "TrackingError"),
+    ("allinone.tune.study", "StudyError"),
+)
 
-    return (
-        *USER_ERRORS,
-        CurriculumError,
-        ClusterError,
-        TrackingError,
-        JobError,
-        EvalError,
-        EvalDataError,
-        ResolveError,
-        RestoreError,
-        ReportError,
-        StudyError,
-        CheckpointError,
-        CheckpointImportError,
-        StoreError,
-    )
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = sys.modules
+    stage_errors = (getattr(loaded[m], name) for m, name in _STAGE_ERRORS if m in loaded)
+    return (*USER_ERRORS, *stage_errors)
 
 
 app = typer.Typer(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 # Trainer and data readers share the cores: idle OpenMP threads must sleep, not spin (spinning
 # threads slowed the tiny models 5-20x when another process was busy, measured on 2 cores).
@@ -29,9 +30,13 @@ def start_ray(address: str | None) -> None:
     for name, value in WORKER_ENV.items():  # Ray Train hands these on to its controller and workers
         os.environ.setdefault(name, value)
     check_ray_address(address)
+    target = address or os.environ.get("RAY_ADDRESS")
     try:
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, log_to_driver=True)
+        if target:
+            # A cluster listening on 127.0.0.1 only (another process's local one) is joined as a
+            # loopback node too: ray.init would look for it at this machine's network address.
+            with _loopback_node() if _loopback_only(target) else nullcontext():
+                ray.init(address=address, log_to_driver=True)
         else:
             _start_local()
     except (ConnectionError, TimeoutError, RuntimeError) as err:
@@ -89,6 +94,19 @@ def _free_port() -> int:
 # variable; this process sets it only while starting them, so that joining a real cluster later
 # (`ray start --address`, a driver elsewhere) still works.
 _SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only(address: str) -> bool:
+    """Whether ``address`` is on 127.0.0.1 and its port does not answer at this machine's
+    network address (a `ray start` cluster listens on both, and is joined as usual)."""
+    from ray.util import get_node_ip_address
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        loopback = host.strip("[]") == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "auto"
+        return False
+    return loopback and port.isdigit() and bool(unreachable(get_node_ip_address(), int(port), 2))
 
 
 @contextmanager

@@ -32,11 +32,11 @@ class Headline:
 
     @property
     def rival(self) -> tuple[str, float]:
-        """The strongest classical method scored here, else the input itself."""
-        if not self.baselines:
-            return "input", self.input_psnr
-        name = max(self.baselines, key=self.baselines.__getitem__)
-        return LABELS.get(name, name), self.baselines[name]
+        """The strongest of the classical methods scored here and the input itself (a method
+        that harms its input is no bar to clear)."""
+        scores = {"input": self.input_psnr, **self.baselines}
+        name = max(scores, key=scores.__getitem__)
+        return LABELS.get(name, name), scores[name]
 
     @property
     def margin(self) -> float:
@@ -70,7 +70,7 @@ def headline(rows: Iterable[Row]) -> list[Headline]:
 
 def headline_table(lines: list[Headline]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of strings (PSNR in dB): set, images, input, model, each baseline scored
-    anywhere in the table, and the margin over the strongest method of that set."""
+    anywhere in the table, and the margin over the strongest of them and the input."""
     methods = list(dict.fromkeys(m for line in lines for m in line.baselines))
     header = ["set", "images", "input", "model", *(LABELS.get(m, m) for m in methods), "margin"]
     body = [

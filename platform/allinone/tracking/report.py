@@ -336,7 +336,8 @@ def _headline(data: RunData) -> str:
             "<code>eval.data</code>); the matrix below is on the tasks' synthetic test splits.</p>"
         )
     header, body = headline_table(lines)
-    note = "<p>PSNR (dB); the margin is over the strongest method scored on the set.</p>"
+    note = "<p>PSNR (dB); the margin is over the strongest method scored on the set, or over "
+    note += "its degraded input when no method beats that.</p>"
     return _table("headline", header, body) + "\n" + note
 
 
