@@ -80,7 +80,7 @@ def test_training_loss_does_not_depend_on_the_sampler(images) -> None:
 @pytest.mark.parametrize("stage", ["predictor", "diffusion", "refinement"])
 def test_each_stage_trains_only_its_own_parameters(images, stage: str) -> None:
     lq, gt = images
-    model = build(training_stage=stage, refinement_sample_steps=1).train()
+    model = build(trains=stage, refinement_sample_steps=1).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(in_stage(n, stage) for n in trainable)
     assert {id(p) for p in model.trainable_parameters()} == {
@@ -120,7 +120,7 @@ def test_stage_switches_and_frozen_towers_stay_in_eval_mode() -> None:
 
 def test_the_predictor_trains_with_cross_entropy_on_task_ids(images) -> None:
     lq, gt = images
-    model = build(training_stage="predictor").train()
+    model = build(trains="predictor").train()
     out = model(lq, TASKS, with_aux=True, target=gt)
     assert out.image is None and set(out.aux) == {"ce"}
     assert torch.allclose(out.aux["ce"], nn.functional.cross_entropy(out.logits, TASKS))

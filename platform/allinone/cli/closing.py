@@ -9,6 +9,7 @@ fits 80 columns without cutting a set's name.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ def headline_rich(lines: list[Headline]) -> Table:
 def _suite_table(suite: str, rows: list[Row]) -> Table:
     """A suite's rows under a line per task, a set named once above its methods: a set's name
     keeps its whole width (synthetic-length15-angle45) inside 80 columns."""
-    header = ["task / set", "method", "images", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y"]
+    header = ["task / set", "method", "n", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y", "s/img"]
     table = _table(suite, header, first_left=2)
     shown = (None, None)
     for r in rows:
@@ -169,6 +170,7 @@ def _suite_table(suite: str, rows: list[Row]) -> Table:
             f"{r.ssim:.4f}",
             f"{r.psnr_y:.2f}",
             f"{r.ssim_y:.4f}",
+            "-" if math.isnan(r.seconds) else f"{r.seconds:.2f}",
         )
     return table
 

@@ -91,6 +91,16 @@ MaxPixels = Annotated[
 ]
 
 
+SampleSteps = Annotated[
+    int | None,
+    typer.Option(min=1, help="DDIM steps of a sampling model (perceiver); default: its own"),
+]
+SamplingSeed = Annotated[
+    int | None,
+    typer.Option(help="Sampling seed of a sampling model: the same seed, the same image"),
+]
+
+
 @shards_app.command("build")
 def shards_build(
     task_yaml: Annotated[Path, typer.Argument(help="A task config, e.g. tasks/denoise.yaml")],
@@ -628,6 +638,8 @@ def eval_model(
     tasks_dir: Annotated[
         Path | None, typer.Option(help="Task configs; default: this project's tasks/")
     ] = None,
+    sample_steps: SampleSteps = None,
+    seed: SamplingSeed = None,
 ) -> None:
     """Score a model: all-in-one on its trained tasks, zero-/few-shot on unseen ones."""
     from allinone.cli import stores
@@ -641,6 +653,7 @@ def eval_model(
     model = stores.model_ref(model)
     tracking_uri = stores.tracking_uri_for(tracking_uri, model)
     resolved = resolve_model(model, tracking_uri)
+    resolved.configure_sampling(sample_steps, seed)
     plan = _eval_plan(resolved, data, baselines, max_images, tile, tasks_dir, k, steps, lr)
     requested = [t for item in tasks or [] for t in item.split(",") if t] or None
     plan.say = lambda line: errors.print(line, highlight=False, markup=False)
@@ -741,6 +754,8 @@ def restore(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     tracking_uri: TrackingUri = None,
+    sample_steps: SampleSteps = None,
+    seed: SamplingSeed = None,
 ) -> None:
     """Restore images of any size with a trained model; unreadable files are skipped."""
     from allinone.cli import stores
@@ -750,6 +765,7 @@ def restore(
     job = RestoreJob.plan(inputs, out, task, tile, overwrite, max_pixels)
     model = stores.model_ref(model)
     resolved = resolve_model(model, stores.tracking_uri_for(tracking_uri, model))
+    resolved.configure_sampling(sample_steps, seed)
     report = restore_images(resolved, job, console)
     for path, reason in report.failed:
         errors.print(f"skipped {path}: {reason}", highlight=False, markup=False, soft_wrap=True)

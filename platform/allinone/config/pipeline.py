@@ -71,12 +71,15 @@ class DataSection(Strict):
 
 
 class ComponentStage(Strict):
-    """A stage after the curriculum that trains one component of the model alone, on every
-    task, the rest frozen: MiOIR's degradation classifier (``trains: classifier``), trained
-    on its own as published. The model's ``trains`` argument names what it can train so."""
+    """A stage that trains one component of the model alone, on every task, the rest frozen:
+    MiOIR's degradation classifier (``trains: classifier``) after the curriculum, MPerceiver's
+    degradation predictor before it (``trains: predictor, before: true``: the prompts it weighs
+    are trained with it frozen) and its refinement decoder after. The model's ``trains``
+    argument names what it can train so."""
 
     trains: Annotated[str, Field(pattern=r"^[a-z][a-z_]*$")]
     steps: int = Field(ge=1)
+    before: bool = False  # ahead of the curriculum's stages, else after them
 
 
 class CurriculumSection(Strict):
@@ -85,7 +88,7 @@ class CurriculumSection(Strict):
         Annotated[int, Field(ge=1)]
     ]  # per stage, in task order (mixed: one entry or the sum)
     weights: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
-    components: list[ComponentStage] = Field(default_factory=list)  # after the stages, in order
+    components: list[ComponentStage] = Field(default_factory=list)  # in order, before or after
 
 
 class TrainSection(Strict):
@@ -113,6 +116,9 @@ class TrainSection(Strict):
     checkpoint_every: int = Field(50, ge=1)
     # Score the test splits inside the stage every N steps (val/ curves; what ASHA reads).
     eval_every: int | None = Field(None, ge=1)
+    # A sampling model (perceiver) validates with this many DDIM steps, not its own (50 in the
+    # paper): the scores are a curve to follow, the stage-end and final evaluations use its own.
+    eval_sample_steps: int = Field(10, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
     # Ray Train's storage_path: the stages' checkpoints and the weights each stage starts from, a

@@ -36,19 +36,24 @@ class Stage:
 
 
 def plan_stages(pipeline: Pipeline) -> list[Stage]:
+    """Components trained before the curriculum, its stages, then components trained after."""
     config = pipeline.config
     tasks, steps, mode = config.tasks, config.curriculum.steps, config.curriculum.mode
     if mode == "mixed":
-        stages = [Stage(0, "mixed", tuple(tasks), steps[0])]
+        planned = [("mixed", tuple(tasks), steps[0], None)]
     else:
-        stages = []
-        for k, task in enumerate(tasks):
-            trained = tuple(tasks[: k + 1]) if mode == "cumulative" else (task,)
-            stages.append(Stage(k, f"stage{k + 1}-{task}", trained, steps[k], sum(steps[:k])))
-    for component in config.curriculum.components:
-        index, offset = len(stages), stages[-1].offset + stages[-1].steps
-        name = f"stage{index + 1}-{component.trains}"
-        stages.append(Stage(index, name, tuple(tasks), component.steps, offset, component.trains))
+        planned = [
+            (f"-{task}", tuple(tasks[: k + 1]) if mode == "cumulative" else (task,), steps[k], None)
+            for k, task in enumerate(tasks)
+        ]
+    components = config.curriculum.components
+    before = [(f"-{c.trains}", tuple(tasks), c.steps, c.trains) for c in components if c.before]
+    after = [(f"-{c.trains}", tuple(tasks), c.steps, c.trains) for c in components if not c.before]
+    stages, offset = [], 0
+    for index, (suffix, trained, length, trains) in enumerate([*before, *planned, *after]):
+        name = suffix if suffix == "mixed" else f"stage{index + 1}{suffix}"
+        stages.append(Stage(index, name, trained, length, offset, trains))
+        offset += length
     return stages
 
 

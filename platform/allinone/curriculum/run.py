@@ -153,7 +153,8 @@ def _run(
         weights, matrix = _run_stages(pipeline, options, state, space, say)
         final = _final_scores(matrix)
         mlflow.log_metrics(final)
-        stages = [stage.tasks for stage in plan_stages(pipeline)]
+        # A component's own stage (a classifier, a refinement decoder) learns no task.
+        stages = [() if stage.trains else stage.tasks for stage in plan_stages(pipeline)]
         continual = log_continual(matrix, stages, pipeline.config.tasks)
         tracking.log_json(
             {"matrix": matrix, "final": final, "continual": continual, "weights": str(weights)},

@@ -9,6 +9,7 @@ id): the all-in-one setting.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ class Quality:
     psnr_y: float
     ssim_y: float
     input_psnr: float  # the degraded input against its ground truth: the bar to clear
+    # Wall seconds per image of the restorer (a diffusion model's whole sampling run).
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class TaskScore:
     psnr_y: float
     ssim_y: float
     input_psnr: float
+    seconds: float
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/{k}": v for k, v in vars(self).items() if isinstance(v, float)}
@@ -112,13 +116,16 @@ def score_pairs(
     """Mean quality of ``restore`` over ``pairs`` and the first pair as a sample."""
     rows, sample = [], None
     for key, lq, gt in pairs:
+        started = time.perf_counter()
         restored = restore(lq)
+        seconds = time.perf_counter() - started
         row = (
             psnr(restored, gt, crop_border=crop_border),
             ssim(restored, gt, crop_border=crop_border),
             psnr(restored, gt, crop_border=crop_border, y_channel=True),
             ssim(restored, gt, crop_border=crop_border, y_channel=True),
             psnr(lq, gt, crop_border=crop_border),
+            seconds,
         )
         rows.append(row)
         if sample is None:

@@ -116,6 +116,7 @@ class Row:
     psnr_y: float
     ssim_y: float
     input_psnr: float
+    seconds: float = math.nan  # per image (rows logged before it was measured have none)
     k: int | None = None  # few-shot: pairs fine-tuned on
     steps: int | None = None
 
@@ -358,8 +359,9 @@ COLUMNS = ("psnr", "ssim", "psnr_y", "ssim_y")
 def to_markdown(results: Results) -> str:
     """The long table: one row per suite, task, set and method."""
     lines = [
-        "| suite | task | set | method | k | images | PSNR | SSIM | PSNR-Y | SSIM-Y | input PSNR |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| suite | task | set | method | k | images | PSNR | SSIM | PSNR-Y | SSIM-Y | input PSNR "
+        "| s / image |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.rows:
         k = "" if r.k is None else str(r.k)
@@ -368,7 +370,8 @@ def to_markdown(results: Results) -> str:
             for c in (*COLUMNS, "input_psnr")
         )
         lines.append(
-            f"| {r.suite} | {r.task} | {r.set} | {r.method} | {k} | {r.images} | {values} |"
+            f"| {r.suite} | {r.task} | {r.set} | {r.method} | {k} | {r.images} | {values} "
+            f"| {r.seconds:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -402,6 +405,7 @@ def log_results(results: Results, grids: bool = True, run_id: str | None = None)
     import mlflow
 
     metrics = {metric_name(r, c): getattr(r, c) for r in results.rows for c in COLUMNS}
+    metrics |= {metric_name(r, "seconds"): r.seconds for r in results.rows if r.seconds >= 0}
     metrics |= {f"eval/{name}/average_psnr": v for name, v in results.averages().items()}
     client = mlflow.MlflowClient()
     run_id = run_id or mlflow.active_run().info.run_id

@@ -67,6 +67,27 @@ class RestorationModel(nn.Module, abc.ABC):
         """
         return (p for name, p in self.named_parameters() if "prompt" in name)
 
+    def pretrained_sources(self) -> dict[str, str]:
+        """Qualified-name prefix -> the local file its weights were loaded from, for parts that
+        the model's own ``pretrained_*`` arguments supply (none by default)."""
+        return {}
+
+    def training_state_dict(self) -> dict[str, Tensor]:
+        """What checkpoints and stage weights hold: every tensor but those pretrained files
+        supply (a rebuild from the same model spec, which names the files, loads those again;
+        Stable Diffusion's 2 B frozen parameters are not copied into every checkpoint)."""
+        supplied = tuple(prefix + "." for prefix in self.pretrained_sources())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(supplied)}
+
+    def load_training_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load :meth:`training_state_dict`'s tensors (a full state dict loads too)."""
+        from allinone.models.weights import state_dict_mismatch
+
+        mismatch = state_dict_mismatch(self, state)
+        if mismatch:
+            raise ValueError(f"the weights do not fit {type(self).__name__}: {mismatch}")
+        self.load_state_dict(state, strict=False)
+
     @abc.abstractmethod
     def restore(self, x: Tensor, task_id: Tensor | None) -> Restoration:
         """Restore a batch already padded to ``size_multiple``."""

@@ -38,7 +38,7 @@ class Checkpoint:
 
     def build(self) -> torch.nn.Module:
         model = self.spec.build()
-        model.load_state_dict(self.state_dict)
+        model.load_training_state_dict(self.state_dict)
         return model.eval()
 
 

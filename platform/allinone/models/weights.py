@@ -57,13 +57,15 @@ def load_state_file(module: nn.Module, path: str | Path, what: str) -> None:
     problems = state_dict_mismatch(module, state)
     if problems:
         raise ValueError(f"{what} weights file {path} does not fit the model: {problems}")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not hasattr(module, "training_state_dict"))
 
 
 def state_dict_mismatch(module: nn.Module, state: dict[str, Tensor]) -> str:
-    """Describe missing, unexpected and wrongly shaped keys; empty when the state dict fits."""
+    """Describe missing, unexpected and wrongly shaped keys; empty when the state dict fits.
+    A model's parts that its pretrained files supply may be absent (its training state)."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
+    needed = module.training_state_dict() if hasattr(module, "training_state_dict") else expected
+    missing = [k for k in needed if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"

@@ -149,7 +149,8 @@ def register_weights(
     metrics = {**final, **averages}
     suite, score = ranking(pipeline.config, metrics)
     spec = pipeline.config.model_spec
-    checkpoint = Checkpoint(spec, spec.load(weights).state_dict(), {"weights": str(weights)})
+    state = spec.load(weights).training_state_dict()
+    checkpoint = Checkpoint(spec, state, {"weights": str(weights)})
     return log_and_register(checkpoint, name, metrics, suite, score, pipeline.config)
 
 

@@ -35,7 +35,7 @@ from allinone.evaluate.headline import headline, headline_table
 from allinone.evaluate.suites import Row
 
 SCORE_COLUMNS = (("psnr", "PSNR"), ("ssim", "SSIM"), ("psnr_y", "PSNR-Y"), ("ssim_y", "SSIM-Y"))
-SCORE_COLUMNS += (("input_psnr", "input PSNR"),)
+SCORE_COLUMNS += (("input_psnr", "input PSNR"), ("seconds", "s / image"))
 RESULTS_ARTIFACT = "eval/results.json"  # the run-end suites' rows (evaluate.suites.log_results)
 EVAL_EXPERIMENT = "allinone-eval"  # where `allinone eval` logs its runs
 SOURCE_TAG = "allinone.source_run"  # on an eval run: the run whose model it evaluated

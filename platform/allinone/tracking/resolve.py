@@ -75,10 +75,22 @@ class ResolvedModel:
     def pipeline(self) -> PipelineConfig | None:
         return PipelineConfig.model_validate(self.config) if self.config else None
 
+    def configure_sampling(self, steps: int | None, seed: int | None) -> None:
+        """A sampling model's DDIM steps and seed (``--sample-steps``, ``--seed``); refused in
+        one line for a model that restores in one pass, where neither means anything."""
+        if steps is None and seed is None:
+            return
+        if not hasattr(self.module, "configure_sampling"):
+            raise ResolveError(
+                f"{self.source}: {self.spec.name} restores in one pass; --sample-steps and "
+                "--seed apply to a sampling model (perceiver)"
+            )
+        self.module.configure_sampling(steps=steps, seed=seed)
+
     def checkpoint(self) -> Checkpoint:
         """The card and the weights, to log or save as one self-describing file."""
         provenance = {"source": self.source, "run_id": self.run_id}
-        return Checkpoint(self.spec, self.module.state_dict(), provenance)
+        return Checkpoint(self.spec, self.module.training_state_dict(), provenance)
 
 
 def resolve_model(ref: str, tracking_uri: str | None = None) -> ResolvedModel:
@@ -156,7 +168,7 @@ def _loaded(
     mismatch = state_dict_mismatch(module, checkpoint.state_dict)
     if mismatch:
         raise ResolveError(f"{source}: does not fit {spec.name} (preset {spec.preset}): {mismatch}")
-    module.load_state_dict(checkpoint.state_dict)
+    module.load_training_state_dict(checkpoint.state_dict)
     return ResolvedModel(module.eval(), spec, config, source, run_id)
 
 
@@ -188,7 +200,7 @@ def _build_and_load(
         raise ResolveError(
             f"{weights}: not weights of {spec.name} (preset {spec.preset}): {mismatch}"
         )
-    module.load_state_dict(state)
+    module.load_training_state_dict(state)
     return ResolvedModel(module.eval(), spec, config, source, run_id)
 
 

@@ -231,7 +231,9 @@ class Validator:
             return {}
         if self.model is None:
             self.model = build_model(self.job, with_init=False).to(device)
-        self.model.load_state_dict(weights)
+            if hasattr(self.model, "configure_sampling"):
+                self.model.configure_sampling(steps=self.job.train.eval_sample_steps)
+        self.model.load_training_state_dict(weights)
         return validation_metrics(
             self.model, self.job.eval_splits, self.job.eval_images, self.job.eval_tile
         )
@@ -258,7 +260,12 @@ def _report(
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=DS_TAG, client_state={"step": step})
+        engine.save_checkpoint(
+            folder,
+            tag=DS_TAG,
+            client_state={"step": step},
+            exclude_frozen_parameters=_pretrained_parts(engine),
+        )
         if ray.train.get_context().get_world_rank() == 0:
             torch.save(weights, Path(folder) / WEIGHTS_FILE)
             if ema:
@@ -281,17 +288,23 @@ def _report(
 
 
 def consolidated_weights(engine, ema) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (gathered under ZeRO-3): what the next stage starts from."""
+    """The model's training state in full fp32 on every rank (gathered under ZeRO-3): what the
+    next stage starts from. Parts that pretrained files supply stay out (the spec names them)."""
+    keep = engine.module.training_state_dict().keys()
     if ema is not None:
-        return {k: v.detach().float().clone() for k, v in ema.shadow.items()}
+        return {k: v.detach().float().clone() for k, v in ema.shadow.items() if k in keep}
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(
             list(engine.module.parameters()), modifier_rank=None
         ):
-            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+            return _fp32_copy(engine.module.state_dict(), keep)
+    return _fp32_copy(engine.module.state_dict(), keep)
+
+
+def _fp32_copy(state: dict[str, torch.Tensor], keep) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in state.items() if k in keep}
 
 
 def _restore(engine, ema, checkpoint) -> int:
@@ -301,10 +314,17 @@ def _restore(engine, ema, checkpoint) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder, weights_only_loads(engine):
-        _, client_state = engine.load_checkpoint(folder, tag=DS_TAG)
+        strict = not _pretrained_parts(engine)  # the rebuilt model holds its frozen parts
+        _, client_state = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=strict)
         if ema and (Path(folder) / "ema.pt").is_file():
             ema.load_state_dict(torch.load(Path(folder) / "ema.pt", weights_only=True))
     return int(client_state["step"])
+
+
+def _pretrained_parts(engine) -> bool:
+    """Whether the model loads frozen parts from pretrained files, which its rebuild loads again:
+    its DeepSpeed checkpoints then leave frozen parameters out (Stable Diffusion's 2 B)."""
+    return bool(engine.module.pretrained_sources())
 
 
 def _all_finite(engine, weights: dict[str, torch.Tensor], with_ema: bool) -> bool:

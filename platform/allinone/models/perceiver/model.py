@@ -10,7 +10,8 @@ restoration as latent diffusion on Stable Diffusion 2.1-base, steered by multimo
     train: ||noise - UNet(noisy z_gt, t)||^2   sample: DDIM from noise to the restored latent
     latent --VAE decoder, encoder features fused in at its middle levels (StableSR's CFW)--> image
 
-Three training stages, each training only its own parameters (``set_training_stage``):
+Three training stages, each training only its own parameters (``trains``, the argument a
+pipeline's ``curriculum.components`` set for a stage of their own; ``set_training_stage``):
 ``predictor`` (the classifier head; cross-entropy), ``diffusion`` (prompts, IR adapter, SPADE;
 noise prediction) and ``refinement`` (the decoder's fusion layers; the pipeline's pixel loss on
 latents sampled from the diffusion model, as StableSR trains its CFW).
@@ -157,7 +158,7 @@ class Perceiver(RestorationModel):
         fusion_w: float = 1.0,
         refinement_sample_steps: int | None = None,
         min_size: int = 0,
-        training_stage: str = "diffusion",
+        trains: str = "diffusion",
         pretrained_sd: str | None = None,
         pretrained_vae: str | None = None,
         pretrained_unet: str | None = None,
@@ -188,7 +189,7 @@ class Perceiver(RestorationModel):
         self.refinement_sample_steps = refinement_sample_steps
         self.configure_sampling(steps=sample_steps, seed=seed)
         self.training_generator: torch.Generator | None = None
-        self.set_training_stage(training_stage)
+        self.set_training_stage(trains)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -303,24 +304,6 @@ class Perceiver(RestorationModel):
     def pretrained_sources(self) -> dict[str, str]:
         """Qualified-name prefix -> the local path its weights were loaded from."""
         return dict(self._pretrained)
-
-    def _is_pretrained(self, key: str) -> bool:
-        return any(key.startswith(prefix + ".") for prefix in self._pretrained)
-
-    def training_state_dict(self) -> dict[str, Tensor]:
-        """The state a training checkpoint must keep: all but what pretrained files supply (a
-        rebuild with the same ``pretrained_*`` arguments, which the checkpoint's model spec
-        holds, loads those again)."""
-        return {k: v for k, v in self.state_dict().items() if not self._is_pretrained(k)}
-
-    def load_training_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not self._is_pretrained(k)]
-        if missing or unexpected:
-            raise ValueError(
-                f"training state does not fit: {len(missing)} missing ({', '.join(missing[:5])}), "
-                f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})"
-            )
 
     def train(self, mode: bool = True) -> Perceiver:
         super().train(mode)
