@@ -176,3 +176,37 @@ def test_restored_files_and_model_cards_honour_the_umask(
         os.umask(previous)
     for path in (out / "grey.png", card):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_a_sampling_model_restores_with_the_steps_and_seed_asked(checkpoint, tmp_path) -> None:
+    """``--sample-steps`` and ``--seed`` reach a diffusion model (perceiver): one seed, one
+    image; another seed, another. A one-pass model refuses them in one line."""
+    from allinone.models.checkpoint import Checkpoint, save_checkpoint
+    from allinone.models.spec import ModelSpec
+
+    spec = ModelSpec("perceiver", "tiny", {}, ("denoise", "dehaze"))
+    torch.manual_seed(0)
+    perceiver = save_checkpoint(
+        tmp_path / "perceiver.pt", Checkpoint(spec, spec.build().training_state_dict())
+    )
+    photos = tmp_path / "in"
+    photos.mkdir()
+    photo = Image.open(COLOUR).convert("RGB").crop((0, 0, 45, 37))
+    for name in ("a.png", "b.png"):
+        photo.save(photos / name)
+
+    def restored(seed: int, out: str) -> dict[str, np.ndarray]:
+        done = _cli(photos, "--model", perceiver, "--out", tmp_path / out,
+                    "--sample-steps", "2", "--seed", str(seed))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return {p.name: np.asarray(Image.open(p)) for p in sorted((tmp_path / out).iterdir())}
+
+    first, other = restored(7, "seven"), restored(8, "eight")
+    assert first["a.png"].shape == (37, 45, 3)
+    assert np.array_equal(first["a.png"], first["b.png"])  # the same seed for every image
+    assert not np.array_equal(first["a.png"], other["a.png"])
+    refused = _cli(photos, "--model", checkpoint, "--out", tmp_path / "no", "--seed", "1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "restores in one pass; --sample-steps and --seed apply to a sampling model" in (
+        refused.stderr
+    )
