@@ -11,7 +11,8 @@ shared data, with no tracking variables set. What differs from a user's machine,
   commands that follow them are the real ones.
 - ``make ...`` runs this project's Makefile with its installed virtual environment
   (``VENV=<a marker folder> BIN=.venv/bin``), so nothing is installed again.
-- ``mlflow ui`` gets ``--port`` of a free port, is asked for its experiments, then stopped.
+- ``mlflow ui`` gets ``--port`` of a free port and ``--workers 1`` (its default four server
+  processes only cost the suite's two cores), is asked for its experiments, then stopped.
 - Blocks that need what this machine cannot give are in ``NOT_HERE`` with the reason and, where
   there is one, the test that runs them instead (the cluster's submit line: test_cluster.py).
 
@@ -171,7 +172,7 @@ def _serve_briefly(command: str, args: list[str], project: Path, env: dict[str, 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen(
-        [*args, "--port", str(port)],
+        [*args, "--port", str(port), "--workers", "1"],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
