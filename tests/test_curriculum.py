@@ -47,7 +47,7 @@ data: {{samples_per_shard: 16, crop: 32, batch_size: 4}}
 model: {model}
 curriculum: {{mode: {mode}, steps: [{", ".join(map(str, steps))}]{components}}}
 train: {{lr: 1.0e-3, zero_stage: 2, checkpoint_every: {checkpoint_every}, log_every: 1{train}}}
-eval: {{max_images: 2}}
+eval: {{max_images: 1}}
 """)
     return path
 

@@ -6,8 +6,8 @@ this project's Makefile, pyproject.toml, tasks/ and pipelines/ beside a link ``.
 shared data, with no tracking variables set. What differs from a user's machine, and why:
 
 - ``pipelines/quickstart.yaml`` and ``pipelines/tune-prompts.yaml`` there are tiny copies of the
-  real ones (same tasks, data paths and eval block; 3 steps per stage, 3 training photos, 2 test
-  images per set): the real ones train for 10 minutes and more. Their names, folders and the
+  real ones (same tasks, data paths and eval block; 3 steps per stage, 3 training photos, 1 test
+  image per set): the real ones train for 10 minutes and more. Their names, folders and the
   commands that follow them are the real ones.
 - ``make ...`` runs this project's Makefile with its installed virtual environment
   (``VENV=<a marker folder> BIN=.venv/bin``), so nothing is installed again.
@@ -96,12 +96,12 @@ def runnable_commands() -> list[str]:
 # --------------------------------------------------------------------------- the user's folder
 def tiny_copy(real: Path, out: Path, photos: Path, **extra) -> None:
     """``real`` with its tasks, data paths and eval block, trained for 3 steps per stage on a few
-    photos and scored on 2 images per test set."""
+    photos and scored on 1 image per test set."""
     config = yaml.safe_load(real.read_text())
     config["data"].update(samples_per_shard=8, batch_size=4, train_source=str(photos))
     config["curriculum"]["steps"] = [3] * len(config["tasks"])
     config["train"].update(log_every=1, checkpoint_every=3, warmup_steps=1)
-    config["eval"]["max_images"] = 2
+    config["eval"]["max_images"] = 1
     for key, value in extra.items():
         config[key] = value
     out.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -299,7 +299,7 @@ def test_eval_tables_fit_80_columns_with_every_sigma_told_apart(session) -> None
     for sigma in (15, 25, 50):
         assert len(re.findall(rf"CBSD68-sigma{sigma}\b", out)) == 2  # headline and detail
     # The model's own default count: eval.max_images of the pipeline it was trained with.
-    assert re.search(r"CBSD68-sigma25\s+2\s+\d", out), out
+    assert re.search(r"CBSD68-sigma25\s+1\s+\d", out), out
 
 
 def test_the_report_page_stays_small(session) -> None:

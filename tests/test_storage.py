@@ -314,7 +314,7 @@ data:
 model: {{name: promptir, preset: tiny}}
 curriculum: {{mode: cumulative, steps: [{steps[0]}, {steps[1]}]}}
 train: {{lr: 1.0e-3, zero_stage: 2, checkpoint_every: {every}, log_every: 1, storage: {prefix}/ray}}
-eval: {{max_images: 2}}
+eval: {{max_images: 1}}
 """)
     return path
 
@@ -408,3 +408,30 @@ def _wait_for_checkpoint_in_s3(s3: S3, prefix: str, stage: str, driver) -> None:
                     return
         time.sleep(0.5)
     raise AssertionError(f"no checkpoint of {stage} reached S3 in time")
+
+
+def test_a_study_keeps_its_shards_and_trial_checkpoints_in_s3(
+    s3: S3, cluster: Cluster, tmp_path: Path
+) -> None:
+    """``allinone tune`` takes data.shards and train.storage as a run does: the trials read the
+    study's shards from S3 and keep their checkpoints there, each under its trial's prefix."""
+    path = pipeline_file(tmp_path, "s3study", s3.uri("study"), steps=(2, 2), every=2)
+    path.write_text(
+        path.read_text()
+        + "tune: {num_samples: 1, search: random, scheduler: fifo, eval_every: 2,\n"
+        + "       register_best: false, space: {train.lr: {loguniform: [1.0e-3, 2.0e-3]}}}\n"
+    )
+    workdir = tmp_path / "work"
+    command = [sys.executable, "-m", "allinone", "tune", str(path), "--workdir", str(workdir)]
+    done = subprocess.run(
+        [*command, "--address", cluster.address],
+        env=cluster.env, capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = s3.keys("study/")
+    assert "study/shards/denoise/train/manifest.json" in keys
+    (trial,) = [p.name for p in (workdir / "trials").iterdir()]
+    checkpoints = [k for k in keys if k.startswith(f"study/ray/{trial}/") and "/checkpoint_" in k]
+    assert {k.split("/")[3].split("-")[1] for k in checkpoints} == {"stage1", "stage2"}
+    assert not (workdir / "shards").exists(), "no shards on local disk"
+    assert not list(workdir.rglob("checkpoint_*")), "no checkpoint on local disk"

@@ -26,7 +26,7 @@ data: {{samples_per_shard: 16, crop: 32, batch_size: 4}}
 model: {{name: promptir, preset: tiny}}
 curriculum: {{mode: mixed, steps: [8]}}
 train: {{lr: 1.0e-3, zero_stage: 2, log_every: 4}}
-eval: {{max_images: 2}}
+eval: {{max_images: 1}}
 tune:
   num_samples: {samples}
   max_concurrent: 1

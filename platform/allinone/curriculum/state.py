@@ -83,7 +83,8 @@ class RunOptions:
     resume: bool = False
     register: bool = True
     fault: FaultInjection | None = None  # test hook: kill a worker once at a step
-    shards: Path | None = None  # shards built beforehand (a study's trials share them)
+    # Shards built beforehand, on disk or in object storage (a study's trials share them).
+    shards: StoragePath | None = None
     parent_run_id: str | None = None  # nest the curriculum's MLflow run under this one
     tags: dict[str, str] = field(default_factory=dict)  # set on the curriculum's MLflow run
     train_callbacks: tuple[Any, ...] = ()  # Ray Train callbacks, e.g. Tune's reporting one

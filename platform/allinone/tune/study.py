@@ -35,6 +35,8 @@ from allinone.curriculum.plan import eval_splits, plan_stages, total_steps
 from allinone.curriculum.run import open_workdir, run_pipeline
 from allinone.curriculum.shards import prepare_shards
 from allinone.curriculum.state import STATE, RunOptions
+from allinone.data import storage
+from allinone.data.storage import StoragePath
 from allinone.evaluate.scoring import validation_metrics
 from allinone.tracking import runs as tracking
 from allinone.tracking.registry import Registration, register_weights
@@ -122,10 +124,16 @@ class StudyPlan:
 
     pipeline: Pipeline
     workdir: str
-    shards: str
+    shards: str  # the study's shards: a folder, or object storage (data.shards)
     tracking_uri: str
     study_run_id: str
     trial_settings: dict[str, Any]  # fields every trial gets (evaluation cadence, threads)
+    # Ray Train's storage for the trials' checkpoints in object storage (train.storage), each
+    # trial under its own prefix; None: each trial's own folder on disk.
+    storage: str | None = None
+
+    def trial_storage(self, trial_id: str) -> str | None:
+        return None if self.storage is None else str(storage.path(self.storage) / trial_id)
 
 
 def trial_pipeline(plan: StudyPlan, values: dict[str, Any]) -> Pipeline:
@@ -149,17 +157,18 @@ def run_trial(config: dict[str, Any], plan: StudyPlan) -> None:
         tracking_uri=plan.tracking_uri,
         resume=(workdir / STATE).is_file(),  # a trial restarted by a resumed study goes on
         register=False,
-        shards=Path(plan.shards),
+        shards=storage.path(plan.shards),
+        storage=plan.trial_storage(trial_id),
         parent_run_id=plan.study_run_id,
         tags={TRIAL_TAG: trial_id, **{f"tune.{k}": json.dumps(v) for k, v in values.items()}},
         train_callbacks=(TuneReportCallback(),),
         hold_final_scores=True,
     )
     summary = run_pipeline(pipeline, options, say=lambda line: print(f"[trial {trial_id}] {line}"))
-    ray.tune.report(final_scores(pipeline, summary.weights, Path(plan.shards)))
+    ray.tune.report(final_scores(pipeline, summary.weights, storage.path(plan.shards)))
 
 
-def final_scores(pipeline: Pipeline, weights: Path, shards: Path) -> dict[str, float]:
+def final_scores(pipeline: Pipeline, weights: Path, shards: StoragePath) -> dict[str, float]:
     """The trial's last result: the workers' scores on the finished curriculum's weights."""
     settings = pipeline.config.eval
     scores = validation_metrics(
@@ -248,7 +257,9 @@ def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResu
     workdir, uri, experiment = space.folder, space.tracking_uri, space.experiment_id
     state = StudyState.open(workdir, pipeline, options.resume)
     start_ray(options.address)
-    shards = workdir / "shards"
+    # data.shards and train.storage as a run takes them (each store checked before any write).
+    stores = RunOptions(workdir).for_pipeline(pipeline)
+    shards = stores.shard_root
     prepare_shards(pipeline, shards, on_build=say)
     resources = plan_resources(
         pipeline.config, ray.cluster_resources(), local=options.address is None
@@ -265,6 +276,7 @@ def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResu
             uri,
             run_id,
             _trial_settings(study, resources),
+            storage=str(stores.checkpoint_root) if stores.storage else None,
         )
         say(
             f"study: {study.num_samples} trials, {resources.concurrent} at a time, "
@@ -298,11 +310,13 @@ def _tuner(pipeline: Pipeline, plan: StudyPlan, resources: Resources, workdir: P
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan), {"cpu": DRIVER_CPUS_PER_TRIAL}
     )
-    storage = workdir / "tune"
+    state_folder = workdir / "tune"  # Tune's own experiment state stays on the driver's disk
     if resume:
-        if not tune.Tuner.can_restore(str(storage / "study")):
-            raise StudyError(f"{storage / 'study'}: no Ray Tune state to resume from")
-        return tune.Tuner.restore(str(storage / "study"), trainable=trainable, resume_errored=True)
+        if not tune.Tuner.can_restore(str(state_folder / "study")):
+            raise StudyError(f"{state_folder / 'study'}: no Ray Tune state to resume from")
+        return tune.Tuner.restore(
+            str(state_folder / "study"), trainable=trainable, resume_errored=True
+        )
     study = pipeline.config.tune
     return tune.Tuner(
         trainable,
@@ -318,7 +332,7 @@ def _tuner(pipeline: Pipeline, plan: StudyPlan, resources: Resources, workdir: P
         ),
         run_config=tune.RunConfig(
             name="study",
-            storage_path=str(storage),
+            storage_path=str(state_folder),
             verbose=0,  # our own lines and table; Tune's would repeat them every few seconds
         ),
     )
