@@ -341,6 +341,15 @@ LocalTrackingUri = Annotated[
     str | None, typer.Option(help="Default: sqlite:///<workdir>/mlflow.db")
 ]
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address; default: local Ray")]
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        help="Checkpoints: a folder or s3://bucket/prefix every node reaches; "
+        "default: train.storage, else <workdir>/ray"
+    ),
+]
+
+
 Verbose = Annotated[
     bool,
     typer.Option(help="Show every library's warnings and Ray's worker output, not only progress"),
@@ -357,13 +366,7 @@ def run(
     address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --workdir")] = False,
     verbose: Verbose = False,
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            help="Checkpoints: a folder or s3://bucket/prefix every node reaches; "
-            "default: train.storage, else <workdir>/ray"
-        ),
-    ] = None,
+    storage: Storage = None,
 ) -> None:
     """Run a whole curriculum: shards, stages, evaluation, registration."""
     from allinone.cli.closing import finish_run, stages_of
@@ -395,6 +398,7 @@ def tune(
     address: RayAddress = None,
     resume: Annotated[bool, typer.Option(help="Continue the study in --workdir")] = False,
     verbose: Verbose = False,
+    storage: Storage = None,
 ) -> None:
     """Search the pipeline's tune: space with Ray Tune; register the best trial's model."""
     from allinone.cli.closing import finish_study
@@ -404,7 +408,11 @@ def tune(
 
     pipeline = load_pipeline(pipeline_yaml)
     options = StudyOptions(
-        workdir or Path("runs") / f"{pipeline.config.name}-tune", tracking_uri, address, resume
+        workdir or Path("runs") / f"{pipeline.config.name}-tune",
+        tracking_uri,
+        address,
+        resume,
+        storage,
     )
     folder = options.workdir.resolve()
     with run_console(console, folder, verbose) as screen:

@@ -243,6 +243,7 @@ class StudyOptions:
     tracking_uri: str | None = None
     address: str | None = None
     resume: bool = False
+    storage: str | None = None  # the trials' checkpoints (--storage), else train.storage
 
 
 def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResult:
@@ -258,7 +259,7 @@ def run_study(pipeline: Pipeline, options: StudyOptions, say=print) -> StudyResu
     state = StudyState.open(workdir, pipeline, options.resume)
     start_ray(options.address)
     # data.shards and train.storage as a run takes them (each store checked before any write).
-    stores = RunOptions(workdir).for_pipeline(pipeline)
+    stores = RunOptions(workdir, storage=options.storage).for_pipeline(pipeline)
     shards = stores.shard_root
     prepare_shards(pipeline, shards, on_build=say)
     resources = plan_resources(
