@@ -41,7 +41,17 @@ from allinone.data.shards import (
 from allinone.data.stream import read_crops, task_shards
 from allinone.evaluate import scoring
 from conftest import CLEAN_PHOTOS, REPO, TEST_SETS, allinone_cli
-from test_cluster import base_env, free_port, listening, ray_node, start, stop_all, wait_until
+from test_cluster import (
+    base_env,
+    free_port,
+    listening,
+    mlflow_answers,
+    mlflow_command,
+    ray_node,
+    start,
+    stop_all,
+    wait_until,
+)
 
 PHOTOS = sorted(CLEAN_PHOTOS.glob("*.jpg"))[:3]
 
@@ -410,11 +420,13 @@ def _wait_for_checkpoint_in_s3(s3: S3, prefix: str, stage: str, driver) -> None:
     raise AssertionError(f"no checkpoint of {stage} reached S3 in time")
 
 
-def test_a_study_keeps_its_shards_and_trial_checkpoints_in_s3(
+def test_a_study_keeps_its_shards_checkpoints_and_artifacts_in_s3(
     s3: S3, cluster: Cluster, tmp_path: Path
 ) -> None:
     """``allinone tune`` takes data.shards and train.storage as a run does: the trials read the
-    study's shards from S3 and keep their checkpoints there, each under its trial's prefix."""
+    study's shards from S3 and keep their checkpoints there, each under its trial's prefix; with
+    an MLflow server whose artifacts go to S3 (``--artifacts-destination``), so do the runs'
+    artifacts: MLflow's own proxy writes them, nothing of ours."""
     path = pipeline_file(tmp_path, "s3study", s3.uri("study"), steps=(2, 2), every=2)
     path.write_text(
         path.read_text()
@@ -422,16 +434,27 @@ def test_a_study_keeps_its_shards_and_trial_checkpoints_in_s3(
         + "       register_best: false, space: {train.lr: {loguniform: [1.0e-3, 2.0e-3]}}}\n"
     )
     workdir = tmp_path / "work"
-    command = [sys.executable, "-m", "allinone", "tune", str(path), "--workdir", str(workdir)]
-    done = subprocess.run(
-        [*command, "--address", cluster.address],
-        env=cluster.env, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+    uri = f"http://127.0.0.1:{free_port()}"
+    server = mlflow_command(tmp_path, uri)
+    server[server.index("--artifacts-destination") + 1] = s3.uri("mlartifacts")
+    log = tmp_path / "mlflow.log"
+    mlflow_server = start(server, {**os.environ, **s3.env}, log)
+    try:
+        wait_until(lambda: mlflow_answers(uri), "MLflow server", [mlflow_server], 120, [log])
+        command = [sys.executable, "-m", "allinone", "tune", str(path), "--workdir", str(workdir)]
+        done = subprocess.run(
+            [*command, "--address", cluster.address, "--tracking-uri", uri],
+            env=cluster.env, capture_output=True, text=True, timeout=1500,
+        )  # fmt: skip
+    finally:
+        stop_all([mlflow_server])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    keys = s3.keys("study/")
+    keys = s3.keys("")
     assert "study/shards/denoise/train/manifest.json" in keys
     (trial,) = [p.name for p in (workdir / "trials").iterdir()]
     checkpoints = [k for k in keys if k.startswith(f"study/ray/{trial}/") and "/checkpoint_" in k]
     assert {k.split("/")[3].split("-")[1] for k in checkpoints} == {"stage1", "stage2"}
+    assert any(k.startswith("mlartifacts/") and k.endswith(".png") for k in keys), "grids"
     assert not (workdir / "shards").exists(), "no shards on local disk"
     assert not list(workdir.rglob("checkpoint_*")), "no checkpoint on local disk"
+    assert not list(workdir.rglob("*.png")), "no artifact on local disk"
