@@ -58,7 +58,9 @@ def fit_stage(
     train = config.train
     workdir = options.workdir.resolve()
     run_name = f"{config.name}-{stage.name}-{state.attempt}"
-    status_dir = workdir / "ray" / run_name
+    # Beside the stage's checkpoints, which every node reaches (a worker on another node cannot
+    # write to this machine's disk).
+    status_dir = options.checkpoint_root / run_name
     (status_dir / NONFINITE_FILE).unlink(missing_ok=True)  # a resumed stage gets a fresh verdict
     plan = stage_plan(pipeline, options.shard_root, stage)
     dataset = training_dataset(plan)
@@ -73,7 +75,7 @@ def fit_stage(
         init_weights=_start_weights(init_weights, options.checkpoint_root, run_name),
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
-        status_dir=str(status_dir.resolve()),
+        status_dir=str(status_dir),
         step_offset=stage.offset,
         curve_run_id=state.parent_run_id,
         eval_splits=eval_splits(pipeline, options.shard_root) if train.eval_every else (),
@@ -180,7 +182,7 @@ def _drop_unregistered_checkpoints(result) -> None:
 WORKER_RESOURCES = {"CPU": 1.0}
 
 
-def _collect(result, workdir: Path, stage: Stage, status_dir: Path) -> StageResult:
+def _collect(result, workdir: Path, stage: Stage, status_dir: StoragePath) -> StageResult:
     metrics = result.metrics or {}
     _drop_unregistered_checkpoints(result)
     verdict = status_dir / NONFINITE_FILE

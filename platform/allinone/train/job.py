@@ -37,7 +37,9 @@ class StageJob:
     init_weights: str | None = None  # previous stage's model.pt
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-    status_dir: str | None = None  # where a worker leaves a verdict the driver must read
+    # Where a worker leaves a verdict the driver must read: beside the checkpoints, on disk or in
+    # object storage.
+    status_dir: str | None = None
     step_offset: int = 0  # curriculum steps before this stage: x axis of the val/ curves
     curve_run_id: str | None = None  # the curriculum's MLflow run, where val/ curves go too
     eval_splits: tuple[TestSplit, ...] = ()  # scored every train.eval_every steps

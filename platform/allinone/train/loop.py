@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from allinone.config import TrainSection
+from allinone.data import storage
 from allinone.data.stream import to_model_batch
 from allinone.evaluate.scoring import validation_metrics
 from allinone.models.weights import load_state_file
@@ -351,10 +352,9 @@ def _record_nonfinite(job: StageJob, step: int, what: str, loss: float) -> None:
     import ray.train
 
     if ray.train.get_context().get_world_rank() == 0 and job.status_dir:
-        Path(job.status_dir).mkdir(parents=True, exist_ok=True)
-        (Path(job.status_dir) / NONFINITE_FILE).write_text(
-            json.dumps({"step": step, "what": what, "loss": str(loss)})
-        )
+        verdict = storage.path(job.status_dir) / NONFINITE_FILE
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_atomic(verdict, json.dumps({"step": step, "what": what, "loss": str(loss)}))
 
 
 def _maybe_inject_failure(fault: FaultInjection | None, step: int, after_checkpoint: bool) -> None:
