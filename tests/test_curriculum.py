@@ -82,6 +82,27 @@ def test_a_component_trains_alone_in_its_own_stage(tmp_path: Path) -> None:
         load_pipeline(refused)
 
 
+def test_components_train_before_or_after_the_curriculum(tmp_path: Path) -> None:
+    """MPerceiver's degradation predictor trains first (the prompts it weighs train with it
+    frozen), its refinement decoder last; a component's stage learns no task of its own."""
+    components = (
+        ", components: [{trains: predictor, steps: 3, before: true}, {trains: refinement, "
+        "steps: 2}]"
+    )
+    path = write_pipeline(tmp_path, "mp", model="{name: perceiver, preset: tiny}",
+                          components=components)  # fmt: skip
+    stages = plan_stages(load_pipeline(path))
+    assert [(s.name, s.steps, s.offset, s.trains) for s in stages] == [
+        ("stage1-predictor", 3, 0, "predictor"),
+        ("stage2-denoise", 4, 3, None),
+        ("stage3-dehaze", 4, 7, None),
+        ("stage4-refinement", 2, 11, "refinement"),
+    ]
+    built = stages[0].model_spec(load_pipeline(path)).build()
+    assert built.training_stage == "predictor"
+    assert stages[1].model_spec(load_pipeline(path)).build().training_stage == "diffusion"
+
+
 def test_stage_plans_follow_the_mode(tmp_path: Path) -> None:
     three = ("denoise", "derain", "dehaze")
     cumulative = plan_stages(
