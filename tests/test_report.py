@@ -184,7 +184,7 @@ def test_the_scores_matrix_and_curves_are_there(recorded, dom) -> None:
     run, _ = recorded
     last = MlflowClient(run.uri).get_run(run.stage_ids["stage2-dehaze"]).data.metrics
     per_task = dom.tables["per-task"]
-    assert per_task[0] == ["task", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y", "input PSNR"]
+    assert per_task[0] == ["task", "PSNR", "SSIM", "PSNR-Y", "SSIM-Y", "input PSNR", "s / image"]
     for row in per_task[1:]:
         assert row[1] == _number(last[f"test/{row[0]}/psnr"])
     matrix = dom.tables["stage-matrix"]
