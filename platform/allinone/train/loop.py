@@ -325,7 +325,8 @@ def _restore(engine, ema, checkpoint) -> int:
 def _pretrained_parts(engine) -> bool:
     """Whether the model loads frozen parts from pretrained files, which its rebuild loads again:
     its DeepSpeed checkpoints then leave frozen parameters out (Stable Diffusion's 2 B)."""
-    return bool(engine.module.pretrained_sources())
+    sources = getattr(engine.module, "pretrained_sources", None)  # any nn.Module trains too
+    return bool(sources and sources())
 
 
 def _all_finite(engine, weights: dict[str, torch.Tensor], with_ema: bool) -> bool:
