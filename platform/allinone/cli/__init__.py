@@ -1,5 +1,1 @@
-"""The command line."""
-
-from allinone.cli.main import main
-
-__all__ = ["main"]
+"""The command line: ``allinone`` (``allinone.cli.main:main``), its console and closing block."""
