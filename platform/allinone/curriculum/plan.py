@@ -38,20 +38,20 @@ class Stage:
 def plan_stages(pipeline: Pipeline) -> list[Stage]:
     """Components trained before the curriculum, its stages, then components trained after."""
     config = pipeline.config
-    tasks, steps, mode = config.tasks, config.curriculum.steps, config.curriculum.mode
+    tasks, steps, mode = tuple(config.tasks), config.curriculum.steps, config.curriculum.mode
     if mode == "mixed":
-        planned = [("mixed", tuple(tasks), steps[0], None)]
+        curriculum = [(None, tasks, steps[0], None)]  # one stage, named "mixed"
     else:
-        planned = [
-            (f"-{task}", tuple(tasks[: k + 1]) if mode == "cumulative" else (task,), steps[k], None)
+        curriculum = [
+            (task, tasks[: k + 1] if mode == "cumulative" else (task,), steps[k], None)
             for k, task in enumerate(tasks)
         ]
-    components = config.curriculum.components
-    before = [(f"-{c.trains}", tuple(tasks), c.steps, c.trains) for c in components if c.before]
-    after = [(f"-{c.trains}", tuple(tasks), c.steps, c.trains) for c in components if not c.before]
+    listed = config.curriculum.components  # each trains its component alone, on every task
+    before = [(c.trains, tasks, c.steps, c.trains) for c in listed if c.before]
+    after = [(c.trains, tasks, c.steps, c.trains) for c in listed if not c.before]
     stages, offset = [], 0
-    for index, (suffix, trained, length, trains) in enumerate([*before, *planned, *after]):
-        name = suffix if suffix == "mixed" else f"stage{index + 1}{suffix}"
+    for index, (label, trained, length, trains) in enumerate([*before, *curriculum, *after]):
+        name = f"stage{index + 1}-{label}" if label else "mixed"
         stages.append(Stage(index, name, trained, length, offset, trains))
         offset += length
     return stages
