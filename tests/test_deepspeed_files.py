@@ -1,5 +1,6 @@
-"""A restarted worker resumes from DeepSpeed's checkpoint files read tensors-only: a real resume
-works under ZeRO 0, 2 and 3, and a crafted pickle in place of its files is refused unrun."""
+"""DeepSpeed's engine as a worker builds it: a real resume works under ZeRO 0, 2 and 3 and reads
+its files tensors-only (a crafted pickle in their place is refused unrun), and the frozen parts
+that pretrained files supply stay out of what ZeRO-3 partitions."""
 
 from __future__ import annotations
 
@@ -82,3 +83,66 @@ def test_deepspeed_resume_reads_its_files_tensors_only(tmp_path: Path) -> None:
     # Each stage resumed at its saved step, then refused its files once they were crafted.
     assert found == {"0": [7, "refused"], "2": [7, "refused"], "3": [7, "refused"]}
     assert not marker.exists()
+
+
+# The worker's engine for a perceiver whose Stable Diffusion parts come from a saved folder,
+# under ZeRO-3, one training step. argv: port, SD folder.
+HELD_APART = """
+import json, os, sys
+import torch, torch.distributed as dist
+
+port, sd = sys.argv[1:]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import deepspeed
+from allinone.config import TrainSection
+from allinone.models.spec import ModelSpec
+from allinone.train.job import StageJob
+from allinone.train.loop import _engine, _loss, consolidated_weights
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+spec = ModelSpec("perceiver", "tiny", {"pretrained_sd": sd}, ("denoise", "dehaze"))
+train = TrainSection(zero_stage=3, lr=1e-2, pixel_loss="l1")
+model = spec.build()
+frozen = {"vae": model.vae, "unet": model.unet, "text": model.cond_stage_model.model}
+before = {name: {k: v.clone() for k, v in part.state_dict().items()}
+          for name, part in frozen.items()}
+engine = _engine(deepspeed, model, train, StageJob(0, "s", 2, spec, train, 2, 0), world=1)
+loss, _ = _loss(engine, torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32),
+                torch.tensor([0, 1]), train)
+engine.backward(loss)
+engine.step()
+weights = consolidated_weights(engine, None)
+partitioned = lambda part: any(hasattr(p, "ds_id") for p in part.parameters())
+print(json.dumps({
+    "partitioned": {name: partitioned(part) for name, part in frozen.items()},
+    "trainable partitioned": all(hasattr(p, "ds_id") for p in engine.module.parameters()),
+    "frozen unchanged": all(
+        torch.equal(before[name][k], v) for name, part in frozen.items()
+        for k, v in part.state_dict().items()
+    ),
+    "in the stage weights": sorted({k.split(".")[0] for k in weights}),
+}))
+"""
+
+
+def test_frozen_pretrained_parts_stay_out_of_zero3s_partitions(tmp_path: Path) -> None:
+    from allinone import models
+    from test_models_perceiver import save_sd_folder
+
+    save_sd_folder(models.build("perceiver", "tiny"), tmp_path / "sd")
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_APART, str(_free_port()), str(tmp_path / "sd")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    # Stable Diffusion's parts are plain tensors the step never touched; what trains is ZeRO's.
+    assert found["partitioned"] == {"vae": False, "unet": False, "text": False}
+    assert found["trainable partitioned"] is True
+    assert found["frozen unchanged"] is True
+    assert {"vae", "unet"}.isdisjoint(found["in the stage weights"])
+    assert "structcond_stage_model" in found["in the stage weights"]

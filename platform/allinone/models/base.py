@@ -10,9 +10,10 @@ returns a :class:`Restoration` carrying degradation logits and named regulariser
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,13 @@ from torch import Tensor, nn
 DEFAULT_TASKS: tuple[str, ...] = ("sr", "deblur", "denoise", "jpeg", "derain", "dehaze", "lowlight")
 
 
-@dataclass
-class Restoration:
-    """A model's full answer for one batch."""
+class Restoration(NamedTuple):
+    """A model's full answer for one batch.
+
+    A named tuple, not a dataclass: DeepSpeed's ZeRO-3 finds the tensors of a module's answer in
+    tuples, lists and dicts only, and without them it cannot gather the root module's own
+    parameters (MPerceiver's textual prompts) again for the backward pass. Immutable: a model
+    adds to an answer with ``_replace``."""
 
     # None only when a training target was given and the model computes its own objective instead
     # of an image (a diffusion model's noise prediction): the trainer then adds no pixel loss.
@@ -33,8 +38,9 @@ class Restoration:
     logits: Tensor | None = None
     # Named scalar terms the trainer weighs and adds: regularisers that need no labels (PIP's
     # prompt orthogonality) and, when a target was given, the model's own supervised terms
-    # (AM-PromptIR's frequency loss, MPerceiver's noise prediction).
-    aux: dict[str, Tensor] = field(default_factory=dict)
+    # (AM-PromptIR's frequency loss, MPerceiver's noise prediction). A default shared by every
+    # answer, so read-only.
+    aux: Mapping[str, Tensor] = MappingProxyType({})
 
 
 class RestorationModel(nn.Module, abc.ABC):
@@ -108,9 +114,9 @@ class RestorationModel(nn.Module, abc.ABC):
         modules (DeepSpeed ZeRO-3 gathers parameters on forward) see every call."""
         height, width = x.shape[-2:]
         out = self.restore(pad_to_multiple(x, self.size_multiple), task_id)
-        out.image = out.image[..., :height, :width]
+        out = out._replace(image=out.image[..., :height, :width])
         if target is not None:
-            out.aux.update(self.supervised_terms(out.image, target))
+            out = out._replace(aux={**out.aux, **self.supervised_terms(out.image, target)})
         return out if with_aux else out.image
 
 

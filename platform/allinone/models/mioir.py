@@ -255,9 +255,11 @@ class MiOIRExplicit(PromptedRestormer):
         logits = self.classify(x) if task_id is None or self.trains == "classifier" else None
         chosen = logits.argmax(dim=-1) if task_id is None else task_id
         out = super().forward(x, chosen, with_aux=True, target=target)
-        out.logits = logits
+        out = out._replace(logits=logits)
         if logits is not None and task_id is not None and target is not None:
-            out.aux["cross_entropy"] = official_cross_entropy(logits, task_id)
+            out = out._replace(
+                aux={**out.aux, "cross_entropy": official_cross_entropy(logits, task_id)}
+            )
         return out if with_aux else out.image
 
 

@@ -174,6 +174,7 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
     config = deepspeed_config(train, job.batch_size, world)
+    held = hold_frozen_pretrained_parts_apart(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
         None
@@ -191,7 +192,35 @@ def _engine(deepspeed, model, train: TrainSection, job: StageJob, world: int):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         dist_init_required=False,
     )
+    # Where the engine put (and cast) the module's own parameters, the held parts follow.
+    like = next(engine.module.parameters(), None)
+    for part in held:
+        part.to(device=engine.device, dtype=None if like is None else like.dtype)
     return engine
+
+
+def hold_frozen_pretrained_parts_apart(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Take the frozen parts that pretrained files supply out of the module tree DeepSpeed wraps;
+    the model still reaches them as plain attributes.
+
+    DeepSpeed treats every parameter of the module it is given as training state: ZeRO-3 splits
+    each across the ranks and gathers it back for every forward, which for Stable Diffusion's
+    2 B frozen parameters is all traffic and no gain, and EMA would shadow them too. Parts with
+    a trainable parameter stay in the tree."""
+    held: dict[str, torch.nn.Module] = {}
+    # Sorted, a part comes before the parts inside it ("classifier", "classifier.model").
+    for prefix in sorted(getattr(model, "pretrained_sources", dict)()):
+        if any(prefix.startswith(f"{outer}.") for outer in held):
+            continue  # goes with its holder
+        parent_name, _, name = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        part = parent._modules.get(name)
+        if part is None or any(p.requires_grad for p in part.parameters()):
+            continue
+        del parent._modules[name]
+        object.__setattr__(parent, name, part)  # nn.Module.__setattr__ would register it again
+        held[prefix] = part
+    return list(held.values())
 
 
 def _to_device(batch, device, dtype, channels_last: bool = False):

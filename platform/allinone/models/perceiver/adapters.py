@@ -130,6 +130,11 @@ class TextPromptEncoder(nn.Module):
         return self.model.ln_final(x)
 
 
+def size_key(feature: Tensor) -> str:
+    """A feature map's size as "HxW": the key of the IR adapter's condition for it."""
+    return "x".join(str(n) for n in feature.shape[-2:])
+
+
 class IRAdapter(nn.Module):
     """A half UNet over the degraded latent: the features before every downsampling and after
     the middle block, each mixed with its level's learned visual prompts (cross-attention, weighted
@@ -189,9 +194,9 @@ class IRAdapter(nn.Module):
     def num_levels(self) -> int:
         return len(self.fea_tran)
 
-    def forward(
-        self, x: Tensor, timesteps: Tensor, logits: Tensor
-    ) -> dict[tuple[int, int], Tensor]:
+    def forward(self, x: Tensor, timesteps: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        """Each level's condition, keyed by its size (:func:`size_key`): string keys, as ZeRO-3's
+        module hooks read a returned dict's keys as names."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         features = []
         for module in self.input_blocks:
@@ -201,7 +206,7 @@ class IRAdapter(nn.Module):
         features.append(self.middle_block(x, emb))
         probs = logits.softmax(dim=1)
         return {
-            tuple(f.shape[-2:]): self.fea_tran[i](self.prompted(i, f, probs), emb)
+            size_key(f): self.fea_tran[i](self.prompted(i, f, probs), emb)
             for i, f in enumerate(features)
         }
 

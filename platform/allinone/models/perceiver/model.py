@@ -58,6 +58,7 @@ from allinone.models.perceiver.adapters import (
     ImagePromptProjector,
     IRAdapter,
     TextPromptEncoder,
+    size_key,
 )
 from allinone.models.perceiver.configs import (
     SD21_SCHEDULER,
@@ -102,7 +103,7 @@ def _hooked(modules: Sequence[nn.Module], hooks: Sequence) -> Iterator[None]:
 def _modulate(
     spade: SPADE, conditions: dict, module: nn.Module, inputs: Any, out: Tensor
 ) -> Tensor:
-    return spade(out, conditions[tuple(out.shape[-2:])])
+    return spade(out, conditions[size_key(out)])
 
 
 def _record(store: list, module: nn.Module, inputs: Any, out: Tensor) -> None:
@@ -365,7 +366,7 @@ class Perceiver(RestorationModel):
             return self.vae.decode(latent).sample
 
     def predict_noise(
-        self, latent: Tensor, t: Tensor, context: Tensor, conditions: dict[tuple[int, int], Tensor]
+        self, latent: Tensor, t: Tensor, context: Tensor, conditions: dict[str, Tensor]
     ) -> Tensor:
         resnets = unet_resnets(self.unet)
         hooks = [partial(_modulate, spade, conditions) for spade in self.spade]
@@ -423,7 +424,7 @@ class Perceiver(RestorationModel):
         }[self.training_stage]
         out = objective(x, task_id, target)
         if out.image is not None:
-            out.image = out.image[..., :height, :width]
+            out = out._replace(image=out.image[..., :height, :width])
         return out if with_aux else out.image
 
     def _predictor_objective(
