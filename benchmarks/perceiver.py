@@ -11,14 +11,21 @@ The tiny preset has no pretrained Stable Diffusion, so the budget first trains i
 SD was trained before MPerceiver: the VAE (L1 reconstruction) and the UNet (noise prediction on
 clean latents, empty context); then MPerceiver's own stages with those frozen: the diffusion
 stage (prompts, IR adapter, SPADE) and the refinement stage (decoder fusion, L1). The degradation
-predictor's stage is skipped: one task leaves it nothing to tell apart. Reported: PSNR of the
-noisy input, of the VAE round trip of the clean image (the ceiling of any latent restorer built
-on that VAE), and of the restoration, on RGB after 8-bit rounding.
+predictor's stage is skipped: one task leaves it nothing to tell apart. Then, for the same
+minutes as MPerceiver's two stages, the one-step regressor the ``perceiver`` model used to be
+(rebuilt here on the same stand-ins: the degraded image's mean latent plus one pass of a fully
+trainable UNet at t = 999 with learned context tokens, decoded, trained on L1; no focal loss,
+one task has no classes to weigh). Reported: PSNR of the noisy input, of the VAE round trip of
+the clean image (the ceiling of any latent restorer built on that VAE), of the regressor and of
+the restoration, on RGB after 8-bit rounding; then tiling: the restoration whole and in 128 px
+tiles (32 px blended overlap), with the gradient energy inside the blend bands against the rest
+of the image, as a ratio to the whole image's (1.00: no seam).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -29,8 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from allinone import models
+from allinone.evaluate.metrics import default_overlap, restore_tiled, tile_starts
 from allinone.models.base import pad_to_multiple
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data"
@@ -39,6 +48,7 @@ CBSD68 = DATA / "test/CBSD68"
 SIGMA = 25 / 255
 # Share of the training budget per stage: SD stand-ins first, then MPerceiver's stages.
 BUDGET = {"vae": 0.25, "unet prior": 0.2, "diffusion": 0.4, "refinement": 0.15}
+TILE = 128
 
 
 def load(path: Path) -> torch.Tensor:
@@ -209,6 +219,45 @@ def train(net, crops: Crops, minutes: float) -> None:
     report("refinement", *run_for(budget["refinement"], steps))
 
 
+class OneStepRegressor(nn.Module):
+    """What ``perceiver`` was before it was a diffusion model: the degraded image's mean latent
+    plus one UNet pass at t = 999, decoded. Its own copy of the UNet trains whole, with learned
+    context tokens in place of the prompts; the VAE is the diffusion model's, frozen."""
+
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.vae = net.vae  # shared and frozen: both restorers decode through the same VAE
+        self.unet = copy.deepcopy(net.unet).requires_grad_(True)
+        tokens, width = net.cond_stage_model.model.context_length, net.cond_stage_model.width
+        self.context = nn.Parameter(0.02 * torch.randn(1, tokens, width))
+        self.size_multiple = net.size_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        padded = pad_to_multiple(x, self.size_multiple)
+        with torch.no_grad():
+            latent = self.vae.encode(padded * 2 - 1).latent_dist.mean
+        scale = self.vae.config.scaling_factor
+        t = torch.full((len(x),), 999)
+        context = self.context.expand(len(x), -1, -1)
+        latent = latent + self.unet(latent * scale, t, encoder_hidden_states=context).sample / scale
+        image = (self.vae.decode(latent).sample + 1) / 2
+        return image[..., :height, :width].clamp(0, 1)
+
+
+def train_regressor(net, crops: Crops, minutes: float) -> OneStepRegressor:
+    regressor = OneStepRegressor(net).train()
+
+    def l1_loss() -> torch.Tensor:
+        lq, gt = crops()
+        return F.l1_loss(regressor(lq), gt)
+
+    seconds = (BUDGET["diffusion"] + BUDGET["refinement"]) * minutes * 60
+    params = [p for p in regressor.parameters() if p.requires_grad]
+    report("regressor", *run_for(seconds, optimise(params, 5e-4, l1_loss)))
+    return regressor.eval()
+
+
 @torch.no_grad()
 def calibrate_latent_scale(net, crops: Crops) -> None:
     """Latents of unit variance, as SD's 0.18215 makes its own (LDM's scale_by_std)."""
@@ -222,10 +271,15 @@ def report(stage: str, steps: int, loss: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(net, count: int, steps: int) -> None:
+def evaluate(net, regressor: OneStepRegressor, count: int, steps: int) -> None:
     net.eval()
     net.configure_sampling(steps=steps)
-    rows = {"input": [], "VAE round trip of the clean image": [], f"perceiver, {steps} steps": []}
+    rows = {
+        "input": [],
+        "VAE round trip of the clean image": [],
+        "one-step regressor": [],
+        f"perceiver, {steps} steps": [],
+    }
     for i, path in enumerate(sorted(CBSD68.glob("*.png"))[:count]):
         clean = load(path)[None].float() / 255
         lq = noisy(clean, torch.Generator().manual_seed(i))
@@ -233,11 +287,53 @@ def evaluate(net, count: int, steps: int) -> None:
         latent = net.vae.encode(padded * 2 - 1).latent_dist.mean
         round_trip = ((net.vae.decode(latent).sample + 1) / 2).clamp(0, 1)
         round_trip = round_trip[..., : clean.shape[-2], : clean.shape[-1]]
-        for name, image in zip(rows, (lq, round_trip, net(lq)), strict=True):
+        for name, image in zip(rows, (lq, round_trip, regressor(lq), net(lq)), strict=True):
             rows[name].append(psnr(image, clean))
     print(f"\nCBSD68 sigma 25, {count} images (RGB PSNR, dB)\n| | PSNR |\n|---|---:|")
     for name, values in rows.items():
         print(f"| {name} | {sum(values) / len(values):.2f} |")
+
+
+@torch.no_grad()
+def seams(net, count: int, steps: int) -> None:
+    """Whole against tiled restoration, and the tiled image's gradient energy in its blend
+    bands (pixels two tiles cover) over the rest, divided by the same ratio of the whole one."""
+    net.configure_sampling(steps=steps)
+    overlap = default_overlap(TILE)
+    whole_psnr, tiled_psnr, ratios = [], [], []
+    for i, path in enumerate(sorted(CBSD68.glob("*.png"))[:count]):
+        clean = load(path)[None].float() / 255
+        lq = noisy(clean, torch.Generator().manual_seed(i))
+        whole, tiled = net(lq), restore_tiled(net, lq, tile=TILE, overlap=overlap)
+        whole_psnr.append(psnr(whole, clean))
+        tiled_psnr.append(psnr(tiled, clean))
+        bands = blend_bands(lq, TILE, overlap)
+        ratios.append(band_energy(tiled, bands) / band_energy(whole, bands))
+    print(
+        f"\ntiles of {TILE} px, {overlap} px overlap, {steps} steps, {count} images\n"
+        "| | PSNR | band / rest gradient, tiled over whole |\n|---|---:|---:|\n"
+        f"| whole | {statistics.mean(whole_psnr):.2f} | |\n"
+        f"| tiled | {statistics.mean(tiled_psnr):.2f} | {statistics.mean(ratios):.3f} |"
+    )
+
+
+def blend_bands(image: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """(H, W) mask of the pixels that two or more tiles cover."""
+    height, width = image.shape[-2:]
+    cover = torch.zeros(height, width)
+    for top in tile_starts(height, min(tile, height), tile - overlap):
+        for left in tile_starts(width, min(tile, width), tile - overlap):
+            cover[top : top + tile, left : left + tile] += 1
+    return cover > 1
+
+
+def band_energy(image: torch.Tensor, bands: torch.Tensor) -> float:
+    """Mean absolute gradient inside the bands over the mean outside them."""
+    gray = image.mean(dim=1)[0]
+    grad = torch.zeros_like(gray)
+    grad[:, 1:] += (gray[:, 1:] - gray[:, :-1]).abs()
+    grad[1:, :] += (gray[1:, :] - gray[:-1, :]).abs()
+    return float(grad[bands].mean() / grad[~bands].mean())
 
 
 def main() -> None:
@@ -245,6 +341,7 @@ def main() -> None:
     parser.add_argument("--train-minutes", type=float, default=0.0)
     parser.add_argument("--eval-images", type=int, default=68)
     parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--seam-images", type=int, default=4)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--skip-timing", action="store_true")
@@ -256,7 +353,9 @@ def main() -> None:
         print(f"\ntraining {args.train_minutes} minutes (load average {os.getloadavg()[0]:.1f})")
         net = model()
         train(net, crops, args.train_minutes)
-        evaluate(net, args.eval_images, args.eval_steps)
+        regressor = train_regressor(net, crops, args.train_minutes)
+        evaluate(net, regressor, args.eval_images, args.eval_steps)
+        seams(net, args.seam_images, args.eval_steps)
 
 
 if __name__ == "__main__":

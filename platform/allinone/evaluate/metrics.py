@@ -116,7 +116,7 @@ def to_image(t: Tensor) -> np.ndarray:
 # --- tiled inference -------------------------------------------------------------------------
 
 
-def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Tile offsets along one axis: every ``stride``, plus one flush with the far edge."""
     if length <= tile:
         return [0]
@@ -148,7 +148,7 @@ def _edge_ramp(tile: int, overlap: int, ramp_in: bool, ramp_out: bool) -> Tensor
 def _axis_plan(length: int, tile: int, overlap: int) -> list[tuple[int, Tensor]]:
     """(start, weights) for each tile along one axis."""
     size = min(tile, length)
-    starts = _tile_starts(length, size, size - overlap)
+    starts = tile_starts(length, size, size - overlap)
     last = len(starts) - 1
     return [
         (start, _edge_ramp(size, overlap, ramp_in=i > 0, ramp_out=i < last))
