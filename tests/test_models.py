@@ -244,3 +244,37 @@ def test_a_pipeline_starts_from_its_own_pretrained_checkpoint(tmp_path) -> None:
     built = build_model(job)
     for key, value in saved.state_dict().items():
         assert torch.equal(built.state_dict()[key], value), key
+
+
+BUILD_PROMPTIR = """
+import json, sys
+from allinone import models
+models.build("promptir", "tiny")
+heavy = sorted(m for m in ("diffusers", "open_clip", "timm") if m in sys.modules)
+print(json.dumps([heavy, sorted(models.MODELS)]))
+"""
+
+
+def test_a_model_imports_only_its_own_module() -> None:
+    """Building PromptIR in a Ray worker or a command must not pay for Stable Diffusion's and
+    CLIP's libraries (seconds per process): the zoo imports an architecture when it is asked."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_PROMPTIR], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    heavy, names = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heavy == [] and names == NAMES
+
+
+def test_every_declared_model_is_registered_by_its_module() -> None:
+    from allinone.models.base import ModelEntry, ModelRegistry
+
+    entries = {name: MODELS[name] for name in MODELS}  # imports every module
+    assert all(isinstance(e, ModelEntry) and e.name == n for n, e in entries.items())
+    registry = ModelRegistry()
+    with pytest.raises(ValueError, match="'stray' is registered but not declared"):
+        registry.register(ModelEntry("stray", models.build, {}, "not in the table"))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import skimage.data
 
 from allinone.config import DEFAULT_MAX_PIXELS
 from allinone.data.images import LoadedImage, is_image_file, read_image
@@ -239,6 +238,8 @@ def load_clean(ref: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Load a clean image given as a path or ``skimage:<name>`` (bundled, all small)."""
     if not ref.startswith("skimage:"):
         return read_image(ref, max_pixels)
+    import skimage.data  # a second to import: only for the bundled photos
+
     name = ref.removeprefix("skimage:")
     if name in ("motorcycle_left", "motorcycle_right"):
         pixels = skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1]

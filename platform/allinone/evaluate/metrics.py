@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 from torch import Tensor
 
 # Identical images have infinite PSNR; a finite cap keeps means and logged metrics finite.
@@ -81,6 +80,8 @@ def ssim(
     sample) covariances, and averages SSIM over the pixels whose window lies inside the image,
     which is the reference MATLAB ``ssim_index`` ("valid" filtering). RGB: the mean over channels.
     """
+    from skimage.metrics import structural_similarity  # 1 s to import: only when scoring
+
     a, b = _prepare(pred, target, data_range, crop_border, y_channel)
     return float(
         structural_similarity(

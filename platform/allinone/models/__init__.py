@@ -10,17 +10,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-# Importing an architecture's module registers it in MODELS (explicitly listed: no auto-discovery).
-from allinone.models import (  # noqa: E402,F401,I001
-    adair,
-    am_promptir,
-    clip_prompt,
-    film_unet,
-    mioir,
-    perceiver,
-    pip,
-    promptir,
-)
 from allinone.models.base import (
     DEFAULT_TASKS,
     MODELS,
@@ -30,6 +19,22 @@ from allinone.models.base import (
     RestorationModel,
     count_parameters,
     task_ids,
+)
+
+# Which module registers each architecture (explicitly listed: no auto-discovery); a module is
+# imported when one of its names is first looked up.
+MODELS.declare(
+    {
+        "promptir": "allinone.models.promptir",
+        "adair": "allinone.models.adair",
+        "am_promptir": "allinone.models.am_promptir",
+        "clip_prompt": "allinone.models.clip_prompt",
+        "film_unet": "allinone.models.film_unet",
+        "mioir_explicit": "allinone.models.mioir",
+        "mioir_adaptive": "allinone.models.mioir",
+        "perceiver": "allinone.models.perceiver",
+        "pip": "allinone.models.pip",
+    }
 )
 
 __all__ = [

@@ -10,6 +10,7 @@ returns a :class:`Restoration` carrying degradation logits and named regulariser
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -168,7 +169,40 @@ class ModelEntry:
     official: OfficialRelease | None = None
 
 
-MODELS: dict[str, ModelEntry] = {}
+class ModelRegistry(Mapping[str, ModelEntry]):
+    """Every architecture by name, each module imported the first time one of its names is
+    looked up: building PromptIR (in a Ray worker, in a CLI command) does not import Stable
+    Diffusion's diffusers or open_clip. The names and their modules are declared up front, so
+    listing the names imports nothing; iterating the entries imports them all."""
+
+    def __init__(self) -> None:
+        self._modules: dict[str, str] = {}  # name -> the module that registers it
+        self._entries: dict[str, ModelEntry] = {}
+
+    def declare(self, modules: dict[str, str]) -> None:
+        self._modules.update(modules)
+
+    def register(self, entry: ModelEntry) -> None:
+        if entry.name not in self._modules:
+            raise ValueError(f"model {entry.name!r} is registered but not declared in MODELS")
+        self._entries[entry.name] = entry
+
+    def __getitem__(self, name: str) -> ModelEntry:
+        if name not in self._entries and name in self._modules:
+            importlib.import_module(self._modules[name])
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+MODELS = ModelRegistry()
 
 
 def register_model(
@@ -178,7 +212,7 @@ def register_model(
     official: OfficialRelease | None = None,
 ) -> Callable[[Callable[..., RestorationModel]], Callable[..., RestorationModel]]:
     def decorate(builder: Callable[..., RestorationModel]) -> Callable[..., RestorationModel]:
-        MODELS[name] = ModelEntry(name, builder, presets, description, official)
+        MODELS.register(ModelEntry(name, builder, presets, description, official))
         return builder
 
     return decorate
