@@ -13,7 +13,9 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,6 +93,19 @@ def train_stage(config: dict[str, Any]) -> None:
     _set_threads(train, context.get_local_world_size())
     torch.manual_seed(job.seed + rank)
 
+    stream = ray.train.get_dataset_shard("train")
+    batches = FetchedAhead(
+        _forever(
+            stream.iter_torch_batches(
+                batch_size=job.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=job.shuffle_rows,
+            ),
+            stream,
+            job.batch_size,
+            job.shuffle_rows,
+        )
+    )
     model = build_model(job)
     if hasattr(model, "seed_training"):  # a model that draws noise and timesteps (diffusion)
         model.seed_training(job.seed + rank)
@@ -106,12 +121,8 @@ def train_stage(config: dict[str, Any]) -> None:
 
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
-    stream = ray.train.get_dataset_shard("train")
-    batches = stream.iter_torch_batches(
-        batch_size=job.batch_size, drop_last=True, local_shuffle_buffer_size=job.shuffle_rows
-    )
     started = time.perf_counter()
-    for batch in _forever(batches, stream, job.batch_size, job.shuffle_rows):
+    for batch in batches:
         if step >= job.steps:
             break
         _maybe_inject_failure(job.fault, step, after_checkpoint=False)
@@ -144,6 +155,36 @@ def train_stage(config: dict[str, Any]) -> None:
             if logger and scores:
                 logger.log_validation(step, scores)
             _report(engine, ema, job, step, parts, scores, weights if save else None)
+
+
+class FetchedAhead:
+    """An iterator whose first item is fetched in a thread from the moment it is made.
+
+    A stream's first batch waits on processes starting elsewhere (Ray Data's coordinator and
+    read tasks); fetched ahead, that wait overlaps the engine's set-up instead of following it.
+    An error in the fetch is raised where the item is asked for."""
+
+    def __init__(self, items: Iterator) -> None:
+        self._items = iter(items)
+        self._first: list = []
+        self._error: BaseException | None = None
+        self._fetch = threading.Thread(target=self._fetch_first, daemon=True)
+        self._fetch.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.append(next(self._items))
+        except StopIteration:
+            pass
+        except BaseException as err:  # raised again in the training thread
+            self._error = err
+
+    def __iter__(self) -> Iterator:
+        self._fetch.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._items
 
 
 def _forever(batches, stream, batch_size: int, shuffle_rows: int):

@@ -1,0 +1,34 @@
+"""The worker loop's stream fetched ahead: the first batch is on its way while the engine is
+built, and nothing about the stream changes for the loop (order, end, errors)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from allinone.train.loop import FetchedAhead
+
+
+def test_the_first_item_is_fetched_before_it_is_asked_for() -> None:
+    started = threading.Event()
+
+    def items():
+        started.set()
+        yield from range(5)
+
+    ahead = FetchedAhead(items())
+    assert started.wait(timeout=10), "the fetch begins when the iterator is made"
+    assert list(ahead) == [0, 1, 2, 3, 4]
+
+
+def test_an_empty_stream_ends_and_a_failing_one_raises_where_it_is_read() -> None:
+    assert list(FetchedAhead(iter(()))) == []
+
+    def broken():
+        raise OSError("shard-000003.tar: truncated")
+        yield  # a generator
+
+    ahead = FetchedAhead(broken())
+    with pytest.raises(OSError, match="shard-000003.tar: truncated"):
+        next(iter(ahead))
