@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +119,16 @@ class CpuWindow:
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"{os.cpu_count()} cores, load average {one:.2f} (1 min) {five:.2f} (5 min)"
+
+
+@contextmanager
+def machine_use_reported() -> Iterator[None]:
+    """Around a benchmark's whole run: its last line says how many cores other processes used
+    meanwhile, so a figure measured on a busy machine says so."""
+    with CpuWindow() as window:
+        yield
+    own = window.cpu / max(window.wall, 1e-9)
+    print(
+        f"\nmachine: {os.cpu_count()} cores; over the {window.wall:.0f} s of this run other "
+        f"processes used {window.others:.2f} cores on average (this run {own:.2f})"
+    )

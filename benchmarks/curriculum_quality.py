@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, table
+from _common import REPO, machine_use_reported, table
 from quality import on_real_sets
 
 MODES = ("cumulative", "sequential", "mixed")
@@ -132,4 +132,5 @@ def print_tables(base, total: int, runs: dict, images: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

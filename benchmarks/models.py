@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from _common import machine_use_reported
 from allinone import models
 from allinone.train.loop import aux_weights
 from allinone.train.losses import total_loss
@@ -79,4 +80,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

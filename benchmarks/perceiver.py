@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from _common import machine_use_reported
 from allinone import models
 from allinone.evaluate.metrics import default_overlap, restore_tiled, tile_starts
 from allinone.models.base import pad_to_multiple
@@ -359,4 +360,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, table
+from _common import REPO, machine_use_reported, table
 
 TEST_DATA = REPO.parent / "shared" / "data" / "test"
 
@@ -130,4 +130,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import REPO, load_note, photo_folder, table
+from _common import REPO, load_note, machine_use_reported, photo_folder, table
 from allinone.config import load_task
 from allinone.data import storage
 from allinone.data.shards import BuildRequest, build_shards
@@ -159,4 +159,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

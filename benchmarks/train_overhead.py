@@ -40,7 +40,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import load_note, table  # noqa: E402
+from _common import load_note, machine_use_reported, table  # noqa: E402
 from allinone.config import TrainSection  # noqa: E402
 from allinone.models.spec import ModelSpec  # noqa: E402
 from allinone.train.job import StageJob  # noqa: E402
@@ -254,4 +254,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, table
+from _common import REPO, machine_use_reported, table
 
 PIPELINE = """
 name: tune-bench-{scheduler}
@@ -109,4 +109,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with machine_use_reported():
+        main()
