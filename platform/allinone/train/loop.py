@@ -94,18 +94,7 @@ def train_stage(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed + rank)
 
     stream = ray.train.get_dataset_shard("train")
-    batches = FetchedAhead(
-        _forever(
-            stream.iter_torch_batches(
-                batch_size=job.batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=job.shuffle_rows,
-            ),
-            stream,
-            job.batch_size,
-            job.shuffle_rows,
-        )
-    )
+    batches = FetchedAhead(_forever(stream, job.batch_size, job.shuffle_rows))
     model = build_model(job)
     if hasattr(model, "seed_training"):  # a model that draws noise and timesteps (diffusion)
         model.seed_training(job.seed + rank)
@@ -187,11 +176,10 @@ class FetchedAhead:
         yield from self._items
 
 
-def _forever(batches, stream, batch_size: int, shuffle_rows: int):
+def _forever(stream, batch_size: int, shuffle_rows: int):
     """The planned pass normally covers the budget; should it run dry, start another pass."""
     while True:
-        yield from batches
-        batches = stream.iter_torch_batches(
+        yield from stream.iter_torch_batches(
             batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_rows
         )
 
