@@ -4,10 +4,12 @@
 
 Builds three tasks' shards (denoise, deblur, derain from tasks/*.yaml) from the clean photos in
 ../shared/data/train/CSun_Hays80, then streams batches of 8 random crops (decode, crop, flip,
-90-degree turn) three ways, each with 2 processes doing the data work where it can say so:
+90-degree turn) four ways, each with 2 processes doing the data work where it can say so:
 
 - ``allinone.data.stream``: ``training_dataset(StreamPlan)`` (one Ray task per shard read) iterated
   with ``streaming_split(1)`` + ``iter_torch_batches``, as a Ray Train worker gets it;
+- the same with ``crops_per_sample=4`` (``data.crops_per_sample``): four random crops cut from each
+  decoded pair, the decode (most of a sample's CPU) shared by four samples;
 - plain: ``webdataset.WebDataset(urls)`` + ``torch.utils.data.DataLoader(num_workers=2)``;
 - stock Ray Data: ``ray.data.read_webdataset(urls)`` + ``map_batches(crop)``, for reference.
 
@@ -27,6 +29,7 @@ Ray is started with ``allinone.curriculum.run.start_ray(None)``, as ``allinone r
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import os
@@ -58,6 +61,7 @@ from allinone.data.stream import (  # noqa: E402
 
 TASKS = ("denoise", "deblur", "derain")
 BATCH = 8
+MULTI_CROP = 4  # data.crops_per_sample of the stream's second row
 WORKERS = 2
 
 
@@ -77,8 +81,8 @@ def build_task_shards(
     return shards
 
 
-def ray_stream(tasks: list[TaskShards], crop: int, samples: int, seed: int = 0):
-    plan = StreamPlan(tasks=tuple(tasks), weights={}, crop=crop, samples=samples, seed=seed)
+def ray_stream(tasks: list[TaskShards], crop: int, samples: int, seed: int = 0, crops: int = 1):
+    plan = StreamPlan(tuple(tasks), {}, crop, samples, seed, crops_per_sample=crops)
     shard = training_dataset(plan).streaming_split(1, equal=True)[0]
     batches = shard.iter_torch_batches(
         batch_size=BATCH, drop_last=True, local_shuffle_buffer_size=4 * BATCH
@@ -157,6 +161,9 @@ def stock_ray(tasks: list[TaskShards], crop: int, samples: int):
 
 PIPELINES = {
     "allinone.data.stream (Ray Data)": ray_stream,
+    f"allinone.data.stream, {MULTI_CROP} crops per pair": functools.partial(
+        ray_stream, crops=MULTI_CROP
+    ),
     "plain WebDataset + DataLoader": plain_loader,
     "stock ray.data.read_webdataset": stock_ray,
 }
@@ -316,7 +323,7 @@ def main() -> None:
             )
         )
 
-        loops = {"in-memory batch (no pipeline)": None, **dict(list(PIPELINES.items())[:2])}
+        loops = {"in-memory batch (no pipeline)": None, **dict(list(PIPELINES.items())[:3])}
         results = {
             name: training_wait(make, tasks, args.crop, args.steps, args.warmup, args.stage_samples)
             for name, make in loops.items()

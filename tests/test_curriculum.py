@@ -21,6 +21,7 @@ from allinone.config import ConfigError, load_pipeline
 from allinone.curriculum.plan import plan_stages, stage_plan
 from allinone.curriculum.run import run_pipeline
 from allinone.curriculum.state import CurriculumError, RunOptions
+from allinone.data.stream import plan_reads
 from allinone.tracking.runs import TrackingError
 from allinone.train.job import FaultInjection
 from conftest import REPO, allinone_cli
@@ -130,7 +131,9 @@ def finished_run(tmp_path_factory, ray_session):
     return folder / "work", summary
 
 
-def test_a_stage_stream_turns_a_task_only_where_it_may(finished_run, tmp_path: Path) -> None:
+def test_a_stage_stream_turns_tasks_where_they_may_and_crops_as_asked(
+    finished_run, tmp_path: Path
+) -> None:
     workdir, _ = finished_run
     tasks = tmp_path / "tasks"
     shutil.copytree(REPO / "tasks", tasks)
@@ -138,10 +141,16 @@ def test_a_stage_stream_turns_a_task_only_where_it_may(finished_run, tmp_path: P
     dehaze.write_text(dehaze.read_text().replace("crop: 256}", "crop: 256, turns: false}"))
     path = tmp_path / "e2e.yaml"
     original = (workdir.parent / "e2e.yaml").read_text()
-    path.write_text(original.replace(str(REPO / "tasks"), str(tasks)))
+    path.write_text(
+        original.replace(str(REPO / "tasks"), str(tasks)).replace(
+            "batch_size: 4}", "batch_size: 4, crops_per_sample: 4}"
+        )
+    )
     pipeline = load_pipeline(path)
     plan = stage_plan(pipeline, workdir / "shards", plan_stages(pipeline)[-1])
     assert {t.name: t.turns for t in plan.tasks} == {"denoise": True, "dehaze": False}
+    assert plan.crops_per_sample == 4
+    assert {r["crops"] for r in plan_reads(plan)} == {4}
 
 
 def test_curriculum_trains_every_stage_and_scores_every_task(finished_run) -> None:

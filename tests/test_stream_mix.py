@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from allinone.config import load_task
-from allinone.data.shards import BuildRequest, build_shards
+from allinone.data.shards import BuildRequest, build_shards, iter_tar_samples
 from allinone.data.stream import (
     StreamPlan,
     TaskShards,
     augment,
+    decode_rgb8,
     plan_reads,
     read_crops,
     task_shards,
@@ -24,12 +25,12 @@ PHOTOS = sorted(CLEAN_PHOTOS.glob("*.jpg"))[:3]
 CROP = 32
 
 
-def build_task(root: Path, name: str, op: str) -> Path:
-    """3 photos x 4 variants = 12 samples in 3 shards of 4."""
+def build_task(root: Path, name: str, op: str, stored: int = CROP) -> Path:
+    """3 photos x 4 variants = 12 samples of ``stored`` px in 3 shards of 4."""
     task = root / f"{name}.yaml"
     task.write_text(
         f"name: {name}\nkind: synthetic\ndegrade:\n  - {{op: {op}}}\n"
-        f"train: {{variants: 4, crop: {CROP}}}\n"
+        f"train: {{variants: 4, crop: {stored}}}\n"
     )
     photos = root / "photos"
     photos.mkdir(exist_ok=True)
@@ -86,7 +87,7 @@ def test_same_seed_same_plan_other_seed_differs(two_tasks) -> None:
 def test_read_with_a_limit_keeps_that_many_crops(two_tasks) -> None:
     noise, _ = two_tasks
     read = {"url": noise.urls[0], "task_id": 0, "samples": noise.counts[0], "seed": 5}
-    read["turns"] = True
+    read |= {"turns": True, "crops": 1}
     whole = read_crops(read | {"limit": noise.counts[0]}, CROP)
     part = read_crops(read | {"limit": 3}, CROP)
     assert len(whole) == noise.counts[0] == 4 and len(part) == 3
@@ -114,3 +115,35 @@ def test_an_upright_crop_is_mirrored_but_never_turned() -> None:
     assert all(grows_downwards(lq) and np.array_equal(lq, gt) for lq, gt in upright)
     turned = [augment(ramp, ramp, CROP, rng)[0] for _ in range(32)]
     assert not all(grows_downwards(lq) for lq in turned), "turns are on by default"
+
+
+def test_several_crops_are_cut_from_each_decoded_sample(tmp_path: Path) -> None:
+    """``crops`` windows of every sample decoded, each the same window of LQ and GT; the plan
+    counts crops, so a budget needs a quarter of the decodes at 4 crops per sample."""
+    folder = build_task(tmp_path, "noise", "gaussian_noise", stored=4 * CROP)
+    noise = task_shards(folder, "noise", 0)
+    reads = plan_reads(StreamPlan((noise,), {}, CROP, 40, seed=1, crops_per_sample=4))
+    assert sum(r["limit"] for r in reads) == 50 and all(r["limit"] <= 16 for r in reads)
+    read = reads[0] | {"turns": False, "limit": 10}
+    rows = read_crops(read, CROP)
+    assert len(rows) == 10
+    samples = [m for _, m in iter_tar_samples(Path(read["url"]))]
+    pairs = [(decode_rgb8(m["lq.png"], "lq"), decode_rgb8(m["gt.png"], "gt")) for m in samples]
+    sources = [_window_of(row, pairs) for row in rows]
+    assert len(set(sources)) == 3  # ceil(10 / 4) samples decoded, 4 + 4 + 2 crops
+    assert len({row["gt"].tobytes() for row in rows}) == 10  # different windows
+
+
+def _window_of(row: dict, pairs: list) -> int:
+    """The sample whose LQ and GT both hold the row's crop at one window (mirrored or not)."""
+    for index, (lq, gt) in enumerate(pairs):
+        rows = np.lib.stride_tricks.sliding_window_view(gt, (CROP, 3), axis=(1, 2))[:, :, 0]
+        for flip in (False, True):
+            want_lq = row["lq"][:, ::-1] if flip else row["lq"]
+            want_gt = row["gt"][:, ::-1] if flip else row["gt"]
+            # Windows whose top row matches, then the whole window of both sides.
+            for top, left in zip(*np.nonzero((rows == want_gt[0]).all(axis=(-2, -1))), strict=True):
+                window = (slice(top, top + CROP), slice(left, left + CROP))
+                if np.array_equal(gt[window], want_gt) and np.array_equal(lq[window], want_lq):
+                    return index
+    raise AssertionError("a crop that is no window of any sample")

@@ -60,6 +60,8 @@ class DataSection(Strict):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # per source image, width x height
     crop: int = Field(64, ge=16)  # random training crop taken by the stream
     batch_size: int = Field(8, ge=1)  # per worker
+    # Random crops cut from each decoded training sample (decoding costs more than cropping)
+    crops_per_sample: int = Field(1, ge=1, le=64)
     train_source: str | None = None  # overrides every task's train.source (e.g. a photo folder)
     test_source: str | None = None  # overrides every synthetic task's test.source
     # Per task, e.g. {rain100l: /data/Rain100L/train}: a paired task's own dataset root.

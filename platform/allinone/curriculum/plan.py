@@ -95,4 +95,5 @@ def stage_plan(pipeline: Pipeline, shards: Path, stage: Stage):
         crop=config.data.crop,
         samples=stage.steps * config.data.batch_size * config.train.num_workers,
         seed=config.seed + stage.index,
+        crops_per_sample=config.data.crops_per_sample,
     )

@@ -54,6 +54,9 @@ class StreamPlan:
     crop: int
     samples: int  # samples the stage consumes (steps x batch x workers)
     seed: int
+    # Random crops cut from each decoded shard sample: decoding a 256 px PNG pair costs most of a
+    # sample's CPU, and a 64 px crop uses a sixteenth of it (BasicSR cuts sub-images for this).
+    crops_per_sample: int = 1
 
 
 def task_shards(
@@ -68,20 +71,24 @@ def task_shards(
 
 def plan_reads(plan: StreamPlan) -> list[dict[str, Any]]:
     """Shard reads covering the budget (with ``SAFETY_MARGIN``), each task given its weight's
-    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, turns, seed}``: it
-    yields ``limit`` of its shard's ``samples``, turned by 90 degrees at random where ``turns``."""
+    share of the samples, shuffled. A read is ``{url, task_id, samples, limit, crops, turns,
+    seed}``: it yields ``limit`` crops, ``crops`` from each of the shard's ``samples`` it decodes,
+    turned by 90 degrees at random where ``turns``."""
     total_weight = sum(plan.weights.get(t.name, 1.0) for t in plan.tasks)
     rng = np.random.default_rng(plan.seed)
     reads = []
     for task in plan.tasks:
         share = plan.weights.get(task.name, 1.0) / total_weight
-        reads += _task_reads(task, math.ceil(plan.samples * share * SAFETY_MARGIN), rng)
+        wanted = math.ceil(plan.samples * share * SAFETY_MARGIN)
+        reads += _task_reads(task, wanted, plan.crops_per_sample, rng)
     order = rng.permutation(len(reads))
     return [{**reads[i], "seed": int(plan.seed * 1_000_003 + n)} for n, i in enumerate(order)]
 
 
-def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Reads of one task holding exactly ``wanted`` samples, the last one cut to what is still
+def _task_reads(
+    task: TaskShards, wanted: int, crops: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """Reads of one task holding exactly ``wanted`` crops, the last one cut to what is still
     wanted: planning in whole shards with a full pass per task turned a 9:1 mix at a small budget
     into 2:1. Each pass takes the shards in a fresh seeded order, so a share below one pass draws
     on any shard, not always the first ones."""
@@ -89,13 +96,14 @@ def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list
     while wanted > 0 and task.samples:
         for i in rng.permutation(len(task.urls)):
             count = task.counts[i]
-            take = min(wanted, count)
+            take = min(wanted, count * crops)
             reads.append(
                 {
                     "url": task.urls[i],
                     "task_id": task.task_id,
                     "samples": count,
                     "limit": take,
+                    "crops": crops,
                     "turns": task.turns,
                 }
             )
@@ -106,18 +114,20 @@ def _task_reads(task: TaskShards, wanted: int, rng: np.random.Generator) -> list
 
 
 def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
-    """One shard read: ``limit`` of its samples (a seeded random subset) decoded, randomly
-    cropped, mirrored and turned, as uint8 HxWx3."""
+    """One shard read: ``limit`` crops, ``crops`` from each sample of a seeded random subset of
+    its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3."""
     rng = np.random.default_rng(read["seed"])
-    keep = _kept_indices(read["samples"], read["limit"], rng)
+    per_sample, wanted = read["crops"], read["limit"]
+    keep = _kept_indices(read["samples"], math.ceil(wanted / per_sample), rng)
     rows = []
     for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
         if index not in keep:
             continue
-        lq = decode_rgb8(members["lq.png"], f"{read['url']}:{key}")
-        gt = decode_rgb8(members["gt.png"], f"{read['url']}:{key}")
-        lq, gt = augment(pad_to(lq, crop), pad_to(gt, crop), crop, rng, read["turns"])
-        rows.append({"lq": lq, "gt": gt, "task_id": read["task_id"]})
+        lq = pad_to(decode_rgb8(members["lq.png"], f"{read['url']}:{key}"), crop)
+        gt = pad_to(decode_rgb8(members["gt.png"], f"{read['url']}:{key}"), crop)
+        for _ in range(min(per_sample, wanted - len(rows))):
+            lq_crop, gt_crop = augment(lq, gt, crop, rng, read["turns"])
+            rows.append({"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]})
     return rows
 
 
@@ -201,8 +211,7 @@ def shuffle_buffer_rows(plan: StreamPlan, batch_size: int) -> int:
     that a batch draws on several tasks. A read yields one shard of one task: with a buffer of
     a few batches, whole runs of batches came from a single task (on the quickstart, mixing
     eight reads lifted its final derain score by 0.6 dB at the same steps)."""
-    largest = max((count for task in plan.tasks for count in task.counts), default=1)
-    return max(4 * batch_size, MIXED_READS * largest)
+    return max(4 * batch_size, MIXED_READS * largest_read(plan))
 
 
 def train_data_config(dataset, workers: int = 1, name: str = "train"):
@@ -220,8 +229,13 @@ def train_data_config(dataset, workers: int = 1, name: str = "train"):
 
 def read_ahead_bytes(plan: StreamPlan) -> int:
     """Object store Ray Data may fill ahead of the trainer: ``READ_AHEAD_BLOCKS`` shard reads."""
+    return READ_AHEAD_BLOCKS * largest_read(plan) * plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
+
+
+def largest_read(plan: StreamPlan) -> int:
+    """Rows the largest shard read yields: a whole shard, ``crops_per_sample`` from each sample."""
     largest = max((count for task in plan.tasks for count in task.counts), default=1)
-    return READ_AHEAD_BLOCKS * largest * plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
+    return largest * plan.crops_per_sample
 
 
 class IdleBackoff:
