@@ -1,6 +1,6 @@
 """Restoration quality per CPU minute: pipelines trained as a user runs them, scored on real sets.
 
-    .venv/bin/python benchmarks/quality.py [--pipelines quickstart cpu-3task] [--images 12]
+    .venv/bin/python benchmarks/quality.py [--pipelines quickstart cpu-3task] [--images 68]
 
 Each pipeline is trained with ``allinone run`` (a fresh work directory, its own Ray session),
 then its final model is scored by the evaluation suites on the real test sets beside the project
@@ -117,7 +117,9 @@ def report(name: str, wall: float, steps: int, rate: float, results) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipelines", nargs="+", default=["quickstart", "cpu-3task"])
-    parser.add_argument("--images", type=int, default=12, help="per test set (CBSD68: first N)")
+    parser.add_argument(
+        "--images", type=int, default=68, help="per test set, first N (default: all of CBSD68)"
+    )
     args = parser.parse_args()
     print(f"PSNR (dB) on full images of the real test sets, first {args.images} of each")
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as scratch:
