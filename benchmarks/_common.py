@@ -1,14 +1,16 @@
 """Shared by the benchmarks: the photo folder, a markdown table, and how busy the machine was.
 
 The machine these run on is often shared: a ratio measured while another job holds a core says
-little about our code. ``CpuWindow`` reads ``/proc/stat`` and this process tree's CPU time around a
-measurement, so a table can show how many cores other processes were using meanwhile.
+little about our code. ``CpuWindow`` reads ``/proc/stat`` and this process tree's CPU time around
+a measurement (its descendants sampled while they live), so a table can show how many cores other
+processes were using meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,28 +69,68 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu_seconds() -> dict[int, float]:
-    """CPU seconds of this process (with its reaped children) and of each living descendant:
-    DataLoader workers, and a local Ray session's raylet, workers and actors."""
-    me = psutil.Process()
-    times = me.cpu_times()
-    seconds = {me.pid: times.user + times.system + times.children_user + times.children_system}
-    for child in me.children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        seconds[child.pid] = times.user + times.system
-    return seconds
+class _TreeClock:
+    """CPU seconds of this process tree over a window, its descendants sampled while they live.
+
+    A descendant's time would be lost when it exits unreaped by this process: a local Ray
+    session's raylet, workers and actors end with the session, and a benchmark that trains in
+    ``allinone run`` subprocesses starts whole Ray sessions of its own. So a thread reads every
+    descendant's CPU time every ``every`` seconds and keeps the last reading of each; this
+    process's reaped children are counted once, through its own ``children_*`` times.
+    """
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.me = psutil.Process()
+        self.every = every
+        self.latest: dict[tuple[int, float], tuple[float, bool]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.own_start = self._own()
+        self.baseline = {key: seconds for key, (seconds, _) in self._sample().items()}
+        self._thread.start()
+
+    def stop(self) -> float:
+        """CPU seconds the tree used since ``start``."""
+        self._stop.set()
+        self._thread.join()
+        alive = self._sample()
+        used = self._own() - self.own_start
+        for key, (seconds, direct) in self.latest.items():
+            if direct and key not in alive:  # reaped by us: its whole life is in children_*
+                used -= self.baseline.get(key, 0.0)
+            else:
+                used += seconds - self.baseline.get(key, 0.0)
+        return used
+
+    def _own(self) -> float:
+        times = self.me.cpu_times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def _sample(self) -> dict[tuple[int, float], tuple[float, bool]]:
+        found = {}
+        for child in self.me.children(recursive=True):
+            try:
+                times, created, parent = child.cpu_times(), child.create_time(), child.ppid()
+            except psutil.Error:
+                continue
+            found[(child.pid, created)] = (times.user + times.system, parent == self.me.pid)
+        self.latest.update(found)
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
 
 
 @dataclass
 class CpuWindow:
     """Wall time, this process tree's CPU time and everybody else's CPU use over a ``with`` block.
 
-    ``cpu`` counts this process, its descendants alive at the end (a local Ray session's are its
-    descendants) and the children it reaped; a descendant that exits unreaped inside the block is
-    missed. ``busy`` and ``others`` are in cores (1.0 = one core busy all along).
+    ``cpu`` counts this process, the children it reaped and every descendant seen alive while
+    the block ran (sampled twice a second: one that lives less than that may be missed). ``busy``
+    and ``others`` are in cores (1.0 = one core busy all along).
     """
 
     wall: float = 0.0
@@ -96,15 +138,17 @@ class CpuWindow:
     machine: float = 0.0
 
     def __enter__(self) -> CpuWindow:
+        self._clock = _TreeClock()
+        self._clock.start()
         self.started = time.perf_counter()
-        self._start = (self.started, _tree_cpu_seconds(), _machine_busy_seconds())
+        self._start = (self.started, _machine_busy_seconds())
         return self
 
     def __exit__(self, *exc) -> None:
-        wall, cpu, machine = self._start
+        wall, machine = self._start
         self.wall = time.perf_counter() - wall
-        self.cpu = sum(now - cpu.get(pid, 0.0) for pid, now in _tree_cpu_seconds().items())
         self.machine = _machine_busy_seconds() - machine
+        self.cpu = self._clock.stop()
 
     @property
     def busy(self) -> float:

@@ -34,7 +34,7 @@ tune:
   num_samples: {trials}
   max_concurrent: 1
   eval_every: {every}
-  asha: {{grace_steps: {every}, reduction_factor: 3}}
+  asha: {{grace_steps: {every}}}  # reduction factor: the platform's default
   register_best: false
   space:
     train.lr: {{loguniform: [1.0e-5, 1.0e-2]}}
@@ -78,6 +78,7 @@ def main() -> None:
     if args.quick:
         args.trials, args.steps = 4, 36
 
+    from allinone.config import AshaSection
     from allinone.curriculum.run import start_ray
 
     start_ray(None)  # one session for both studies: neither pays Ray's start-up
@@ -97,7 +98,8 @@ def main() -> None:
     ]
     print(
         f"{args.trials} trials of promptir tiny, {args.steps} steps each at most, random search "
-        "(same configurations in both), objective all-in-one/average_psnr\n"
+        "(same configurations in both), objective all-in-one/average_psnr, ASHA grace "
+        f"{max(1, args.steps // 6)} steps, reduction factor {AshaSection().reduction_factor:g}\n"
     )
     print(table(["scheduler", "completed", "trial-steps", "wall s", "best dB"], rows))
     print(
