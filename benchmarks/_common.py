@@ -121,7 +121,10 @@ class _TreeClock:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            self._sample()
+            try:
+                self._sample()
+            except psutil.Error:  # the tree changed under the walk: the next reading has it
+                continue
 
 
 @dataclass
