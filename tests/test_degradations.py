@@ -130,6 +130,27 @@ def test_rain_density_controls_the_changed_fraction(photo: np.ndarray) -> None:
     assert 0 < fractions[0] < fractions[1] < fractions[2], fractions
 
 
+def test_rain_width_widens_the_streaks_and_keeps_their_light() -> None:
+    """Across a near-vertical streak, neighbouring columns of the rain layer correlate more as
+    ``width`` grows (Rain100L's: 0.45-0.73 one pixel over); the layer's total light stays."""
+    grey = np.full((128, 128, 3), 0.3, dtype=np.float32)
+
+    def layer(width: float) -> np.ndarray:
+        out = run(
+            "rain", grey, key="same", density=100, length=40, angle=5, brightness=0.6, width=width
+        )
+        return (out - grey).mean(axis=2) / 0.7  # the screen blend over 0.3 scales the layer
+
+    def across(rain: np.ndarray) -> float:
+        centred = rain - rain.mean()
+        return float(np.mean(centred[:, :-1] * centred[:, 1:]) / np.mean(centred**2))
+
+    thin, wide = layer(0.0), layer(0.75)
+    assert across(thin) < 0.35 < 0.6 < across(wide), (across(thin), across(wide))
+    assert wide.sum() == pytest.approx(thin.sum(), rel=0.05)
+    assert wide.max() < thin.max()
+
+
 def test_snow_only_brightens(photo: np.ndarray) -> None:
     out = run("snow", photo, density=200, size=3)
     assert np.all(out >= photo - 1e-6)
@@ -211,7 +232,7 @@ def test_sample_params_draws_odd_kernels_inside_an_even_ended_range() -> None:
 
 def test_sample_params_fixes_scalars_and_fills_defaults() -> None:
     params = sample_params(get_op("rain"), {"density": 60, "length": 12.0}, sample_rng(0, "k"))
-    assert params == {"density": 60.0, "length": 12, "angle": 10.0, "brightness": 0.8}
+    assert params == {"density": 60.0, "length": 12, "angle": 10.0, "brightness": 0.8, "width": 0.0}
     assert type(params["length"]) is int
 
 

@@ -1,4 +1,5 @@
-"""The stream's plan honours the configured mixing weights, on real shards (no Ray needed)."""
+"""The stream's plan honours the configured mixing weights, on real shards (no Ray needed), and its
+shuffle buffer serves every row once, the first batch as soon as it can."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import pytest
 from allinone.config import load_task
 from allinone.data.shards import BuildRequest, build_shards, iter_tar_samples
 from allinone.data.stream import (
+    RampingShuffleBuffer,
     StreamPlan,
     TaskShards,
     augment,
     decode_rgb8,
     plan_reads,
     read_crops,
+    shuffled_batches,
     task_shards,
+    training_dataset,
 )
 from conftest import CLEAN_PHOTOS
 
@@ -147,3 +151,46 @@ def _window_of(row: dict, pairs: list) -> int:
                 if np.array_equal(gt[window], want_gt) and np.array_equal(lq[window], want_lq):
                     return index
     raise AssertionError("a crop that is no window of any sample")
+
+
+def _block(start: int, rows: int) -> dict[str, np.ndarray]:
+    """Rows numbered ``start..``: ``id`` names each, ``pixels`` carries it in an image column."""
+    ids = np.arange(start, start + rows)
+    return {"id": ids, "pixels": np.broadcast_to(ids[:, None, None], (rows, 4, 4)).copy()}
+
+
+def test_the_shuffle_buffer_serves_its_first_batch_from_the_first_block() -> None:
+    buffer = RampingShuffleBuffer(capacity=64, batch_size=8, seed=0)
+    buffer.add(_block(0, 8))
+    assert buffer.ready(), "one block of a batch is enough for the first batch"
+    buffer.take()
+    buffer.add(_block(8, 8))
+    assert not buffer.ready(), "the second batch waits for two batches' rows"
+    buffer.add(_block(16, 8))
+    assert buffer.ready()
+
+
+def test_the_shuffle_buffer_serves_every_row_once_and_mixes_blocks() -> None:
+    buffer, served = RampingShuffleBuffer(capacity=64, batch_size=8, seed=1), []
+    for start in range(0, 400, 16):  # 25 blocks of 16 rows, as 25 shard reads would arrive
+        buffer.add(_block(start, 16))
+        while buffer.ready():
+            served.append(buffer.take())
+    while buffer.size >= 8:
+        served.append(buffer.take())
+    ids = np.concatenate([batch["id"] for batch in served])
+    assert sorted(ids) == list(range(400)), "each row served exactly once"
+    assert all((b["pixels"] == b["id"][:, None, None]).all() for b in served), "rows kept whole"
+    blocks_per_batch = [len(set(batch["id"] // 16)) for batch in served[8:]]
+    assert min(blocks_per_batch) >= 2 and np.mean(blocks_per_batch) > 3, blocks_per_batch
+
+
+def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None:
+    plan = StreamPlan(two_tasks, {}, CROP, samples=40, seed=0)
+    planned = sum(read["limit"] for read in plan_reads(plan))  # 40 x the safety margin: 50
+    batches = list(shuffled_batches(training_dataset(plan).iterator(), 8, 24, seed=0))
+    assert len(batches) == planned // 8
+    assert {tuple(b["lq"].shape) for b in batches} == {(8, CROP, CROP, 3)}
+    assert str(batches[0]["gt"].dtype) == "torch.uint8"
+    task_ids = np.concatenate([b["task_id"].numpy() for b in batches])
+    assert set(task_ids) == {0, 1}

@@ -398,8 +398,10 @@ def jpeg(image: np.ndarray, rng: np.random.Generator, *, quality: int) -> np.nda
         Param("length", 3, 80, integer=True, default=20),
         Param("angle", -60, 60, default=10),
         Param("brightness", 0, 1, default=0.8),
+        Param("width", 0, 3, default=0.0),
     ),
-    description="anti-aliased rain streaks, `density` per 256x256, `angle` from vertical",
+    description="anti-aliased rain streaks, `density` per 256x256, `angle` from vertical, "
+    "softened across by a Gaussian of sigma `width` px (0: one-pixel lines)",
     upright=True,
 )
 def rain(
@@ -410,6 +412,7 @@ def rain(
     length: int,
     angle: float,
     brightness: float,
+    width: float = 0.0,
 ) -> np.ndarray:
     h, w = image.shape[:2]
     # One draw of n rows: a lower density's streaks are a prefix of a higher one's (same rng state),
@@ -425,7 +428,12 @@ def rain(
     # Each point carries 1/(points per pixel) so a streak is `intensity` bright along its length.
     per_pixel = (samples - 1) / (lengths - 1)
     weights = np.repeat(brightness * (0.5 + 0.5 * u[:, 2]) / per_pixel, samples)
-    return _as_image(_screen(image, _splat(ys, xs, weights, (h, w))))
+    layer = _splat(ys, xs, weights, (h, w))
+    if width > 0:
+        # Normalised: the rain's total light stays, spread over a wider, fainter streak.
+        taps = _gaussian_1d(2 * math.ceil(3 * width) + 1, width)
+        layer = _separable(layer, taps / taps.sum())
+    return _as_image(_screen(image, layer))
 
 
 @register_op(

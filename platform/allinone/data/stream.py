@@ -214,6 +214,72 @@ def shuffle_buffer_rows(plan: StreamPlan, batch_size: int) -> int:
     return max(4 * batch_size, MIXED_READS * largest_read(plan))
 
 
+class RampingShuffleBuffer:
+    """A local shuffle buffer that serves its first batch as soon as it holds one, then grows to
+    ``capacity`` rows, each batch it serves raising the fill it waits for by one batch.
+
+    Ray's ``local_shuffle_buffer_size`` yields nothing until the buffer is full: at
+    ``MIXED_READS`` shard reads, a stage's first batch waited for eight whole reads. Only the
+    first ``capacity / batch_size`` batches draw on fewer reads. Rows are removed by moving the
+    buffer's last rows into the drawn slots, so a batch costs its own rows' copies, not the
+    buffer's."""
+
+    def __init__(self, capacity: int, batch_size: int, seed: int) -> None:
+        self.capacity, self.batch_size = max(capacity, batch_size), batch_size
+        self.rng = np.random.default_rng(seed)
+        self.columns: dict[str, np.ndarray] = {}
+        self.size = 0
+        self.served = 0
+
+    def add(self, block: dict[str, np.ndarray]) -> None:
+        rows = len(next(iter(block.values())))
+        if not self.columns:
+            self.columns = {k: np.empty((0, *v.shape[1:]), v.dtype) for k, v in block.items()}
+        if self.size + rows > len(next(iter(self.columns.values()))):
+            self._grow(self.size + rows)
+        for key, column in self.columns.items():
+            column[self.size : self.size + rows] = block[key]
+        self.size += rows
+
+    def ready(self) -> bool:
+        wanted = min(self.capacity, self.batch_size * (1 + self.served))
+        return self.size >= wanted
+
+    def take(self) -> dict[str, np.ndarray]:
+        """One batch of ``batch_size`` rows drawn at random from what the buffer holds."""
+        drawn = self.rng.choice(self.size, size=self.batch_size, replace=False)
+        batch = {key: column[drawn] for key, column in self.columns.items()}
+        # Highest slot first: a slot that is itself among the last rows is moved before it is read.
+        for slot in np.sort(drawn)[::-1]:
+            self.size -= 1
+            for column in self.columns.values():
+                column[slot] = column[self.size]
+        self.served += 1
+        return batch
+
+    def _grow(self, rows: int) -> None:
+        capacity = max(rows, 2 * len(next(iter(self.columns.values()))))
+        for key, column in self.columns.items():
+            grown = np.empty((capacity, *column.shape[1:]), column.dtype)
+            grown[: self.size] = column[: self.size]
+            self.columns[key] = grown
+
+
+def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
+    """Full batches of uint8 tensors ``{lq, gt, task_id}`` from a Ray ``DataIterator``, mixed
+    through a ``RampingShuffleBuffer`` of ``buffer_rows``; the pass's last partial batch is
+    dropped, as ``drop_last`` does."""
+    import torch
+
+    buffer = RampingShuffleBuffer(buffer_rows, batch_size, seed)
+    for block in iterator.iter_batches(batch_size=None, batch_format="numpy"):
+        buffer.add(block)
+        while buffer.ready():
+            yield {k: torch.from_numpy(v) for k, v in buffer.take().items()}
+    while buffer.size >= batch_size:
+        yield {k: torch.from_numpy(v) for k, v in buffer.take().items()}
+
+
 def train_data_config(dataset, workers: int = 1, name: str = "train"):
     """Ray Train's ``DataConfig`` that keeps the stream's read-ahead bound (``READ_AHEAD_BLOCKS``
     per Train worker): Train otherwise replaces a dataset's execution options with the driver's
@@ -224,7 +290,10 @@ def train_data_config(dataset, workers: int = 1, name: str = "train"):
     options = copy.deepcopy(dataset.context.execution_options)
     limits = options.resource_limits
     options.resource_limits = limits.copy(object_store_memory=limits.object_store_memory * workers)
-    return DataConfig(execution_options={name: options})
+    # One worker reads the whole stream in its own process: a split would start a coordinator
+    # actor (a process importing Ray Data) for every stage before the first batch can flow.
+    split: list[str] | str = [] if workers == 1 else "all"
+    return DataConfig(datasets_to_split=split, execution_options={name: options})
 
 
 def read_ahead_bytes(plan: StreamPlan) -> int:

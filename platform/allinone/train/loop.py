@@ -8,6 +8,7 @@ checkpoint every ``checkpoint_every`` steps. A restarted worker resumes from the
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch
 
 from allinone.config import TrainSection
 from allinone.data import storage
-from allinone.data.stream import to_model_batch
+from allinone.data.stream import shuffled_batches, to_model_batch
 from allinone.evaluate.scoring import validation_metrics
 from allinone.models.weights import load_state_file
 from allinone.train.job import (
@@ -94,7 +95,7 @@ def train_stage(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed + rank)
 
     stream = ray.train.get_dataset_shard("train")
-    batches = FetchedAhead(_forever(stream, job.batch_size, job.shuffle_rows))
+    batches = FetchedAhead(_forever(stream, job.batch_size, job.shuffle_rows, job.seed + rank))
     model = build_model(job)
     if hasattr(model, "seed_training"):  # a model that draws noise and timesteps (diffusion)
         model.seed_training(job.seed + rank)
@@ -176,12 +177,10 @@ class FetchedAhead:
         yield from self._items
 
 
-def _forever(stream, batch_size: int, shuffle_rows: int):
+def _forever(stream, batch_size: int, shuffle_rows: int, seed: int):
     """The planned pass normally covers the budget; should it run dry, start another pass."""
-    while True:
-        yield from stream.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=shuffle_rows
-        )
+    for n in itertools.count():
+        yield from shuffled_batches(stream, batch_size, shuffle_rows, seed * 1_000_003 + n)
 
 
 def _set_threads(train: TrainSection, workers_on_node: int) -> None:
