@@ -207,7 +207,7 @@ def test_the_stream_and_evaluation_read_shards_in_s3(s3: S3, built: Built, tmp_p
     assert from_s3.urls[0].startswith("s3://") and from_s3.counts == (2, 2, 2)
     read = {"samples": 2, "limit": 2, "crops": 1, "turns": True, "seed": 7, "task_id": 0}
     for here, there in zip(task_shards(built.local, "noise", 0).urls, from_s3.urls, strict=True):
-        crops = [read_crops({**read, "url": url}, 32) for url in (here, there)]
+        crops = [list(read_crops({**read, "url": url}, 32)) for url in (here, there)]
         assert all(np.array_equal(a["lq"], b["lq"]) for a, b in zip(*crops, strict=True))
     # Evaluation reads a test split's pairs (what stage ends and validation score).
     source = photos(tmp_path / "photos")

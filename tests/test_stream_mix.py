@@ -92,11 +92,11 @@ def test_read_with_a_limit_keeps_that_many_crops(two_tasks) -> None:
     noise, _ = two_tasks
     read = {"url": noise.urls[0], "task_id": 0, "samples": noise.counts[0], "seed": 5}
     read |= {"turns": True, "crops": 1}
-    whole = read_crops(read | {"limit": noise.counts[0]}, CROP)
-    part = read_crops(read | {"limit": 3}, CROP)
+    whole = list(read_crops(read | {"limit": noise.counts[0]}, CROP))
+    part = list(read_crops(read | {"limit": 3}, CROP))
     assert len(whole) == noise.counts[0] == 4 and len(part) == 3
     assert all(row["lq"].shape == row["gt"].shape == (CROP, CROP, 3) for row in part)
-    again = read_crops(read | {"limit": 3}, CROP)
+    again = list(read_crops(read | {"limit": 3}, CROP))
     assert all(np.array_equal(a["gt"], b["gt"]) for a, b in zip(part, again, strict=True))
 
 
@@ -129,7 +129,7 @@ def test_several_crops_are_cut_from_each_decoded_sample(tmp_path: Path) -> None:
     reads = plan_reads(StreamPlan((noise,), {}, CROP, 40, seed=1, crops_per_sample=4))
     assert sum(r["limit"] for r in reads) == 50 and all(r["limit"] <= 16 for r in reads)
     read = reads[0] | {"turns": False, "limit": 10}
-    rows = read_crops(read, CROP)
+    rows = list(read_crops(read, CROP))
     assert len(rows) == 10
     samples = [m for _, m in iter_tar_samples(Path(read["url"]))]
     pairs = [(decode_rgb8(m["lq.png"], "lq"), decode_rgb8(m["gt.png"], "gt")) for m in samples]
@@ -194,3 +194,21 @@ def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None
     assert str(batches[0]["gt"].dtype) == "torch.uint8"
     task_ids = np.concatenate([b["task_id"].numpy() for b in batches])
     assert set(task_ids) == {0, 1}
+
+
+def test_a_read_task_sends_its_crops_on_in_blocks_of_block_rows(
+    ray_session, tmp_path: Path, monkeypatch
+) -> None:
+    """A read of 16 crops (4 from each of 4 samples) leaves its task as blocks of about
+    ``BLOCK_ROWS``, not one block of the whole read: the first batch need not wait for it."""
+    from allinone.data import stream
+
+    monkeypatch.setattr(stream, "BLOCK_ROWS", 4)
+    noise = task_shards(
+        build_task(tmp_path, "noise", "gaussian_noise", stored=2 * CROP), "noise", 0
+    )
+    plan = StreamPlan((noise,), {}, CROP, samples=32, seed=0, crops_per_sample=4)
+    blocks = list(training_dataset(plan).iterator().iter_batches(batch_size=None))
+    sizes = [len(block["task_id"]) for block in blocks]
+    assert sum(sizes) == sum(read["limit"] for read in plan_reads(plan)) == 40
+    assert max(sizes) <= 5 and len(blocks) >= 8, sizes

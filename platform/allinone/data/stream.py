@@ -16,6 +16,7 @@ import copy
 import io
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ from allinone.data.shards import iter_tar_samples, read_manifest, shard_urls
 from allinone.data.storage import StoragePath
 
 SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
-READ_AHEAD_BLOCKS = 16  # shard reads (blocks) decoded ahead of the trainer; see read_ahead_bytes
+READ_AHEAD_BLOCKS = 16  # shard reads decoded ahead of the trainer; see read_ahead_bytes
+BLOCK_ROWS = 16  # crops per block a read task sends on
 EXIF_ORIENTATION = 0x0112
 
 
@@ -113,22 +115,22 @@ def _task_reads(
     return reads
 
 
-def read_crops(read: dict[str, Any], crop: int) -> list[dict[str, Any]]:
+def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
     """One shard read: ``limit`` crops, ``crops`` from each sample of a seeded random subset of
-    its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3."""
+    its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3.
+    Yielded as they are cut, so Ray Data can send a block on before the whole read is done."""
     rng = np.random.default_rng(read["seed"])
     per_sample, wanted = read["crops"], read["limit"]
     keep = _kept_indices(read["samples"], math.ceil(wanted / per_sample), rng)
-    rows = []
     for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
         if index not in keep:
             continue
         lq = pad_to(decode_rgb8(members["lq.png"], f"{read['url']}:{key}"), crop)
         gt = pad_to(decode_rgb8(members["gt.png"], f"{read['url']}:{key}"), crop)
-        for _ in range(min(per_sample, wanted - len(rows))):
+        for _ in range(min(per_sample, wanted)):
             lq_crop, gt_crop = augment(lq, gt, crop, rng, read["turns"])
-            rows.append({"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]})
-    return rows
+            yield {"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]}
+            wanted -= 1
 
 
 def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int]:
@@ -192,6 +194,9 @@ def training_dataset(plan: StreamPlan):
     # Ray Train replaces a dataset's execution options with its DataConfig's: pass
     # ``train_data_config(dataset)`` as the TorchTrainer's ``dataset_config``.
     context = dataset.context
+    # Blocks of BLOCK_ROWS crops rather than a whole read's: the first batch can leave its read
+    # task after a batch's decodes instead of a shard's.
+    context.target_max_block_size = BLOCK_ROWS * crop_bytes(plan)
     limit = read_ahead_bytes(plan)
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=limit
@@ -298,7 +303,11 @@ def train_data_config(dataset, workers: int = 1, name: str = "train"):
 
 def read_ahead_bytes(plan: StreamPlan) -> int:
     """Object store Ray Data may fill ahead of the trainer: ``READ_AHEAD_BLOCKS`` shard reads."""
-    return READ_AHEAD_BLOCKS * largest_read(plan) * plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
+    return READ_AHEAD_BLOCKS * largest_read(plan) * crop_bytes(plan)
+
+
+def crop_bytes(plan: StreamPlan) -> int:
+    return plan.crop * plan.crop * 3 * 2  # lq + gt, uint8
 
 
 def largest_read(plan: StreamPlan) -> int:
