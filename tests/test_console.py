@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from allinone.cli.closing import Closing, headline_rich, print_closing, results_tables
+from allinone.cli.closing import (
+    Closing,
+    headline_rich,
+    print_closing,
+    results_tables,
+    timing_line,
+)
 from allinone.cli.console import LOG_FILE, LogFile, RunProgress, run_console
+from allinone.curriculum.run import RunTiming
 from allinone.evaluate.headline import Headline, headline, headline_table
 from allinone.evaluate.suites import Results, Row
 from allinone.train.loop import StepLine, named_loss
@@ -203,6 +210,7 @@ def test_the_closing_block_names_the_run_and_gives_ready_commands(
         data=data,
         photos=data / "Rain100L" / "rain",
         log=tmp_path / "runs" / "quickstart" / LOG_FILE,
+        time=timing_line(RunTiming(456.0, {"stage1-denoise": 14.2, "stage2-derain": 11.6})),
     )
     screen, out = _screen(width=80)
     print_closing(screen, closing)
@@ -210,6 +218,8 @@ def test_the_closing_block_names_the_run_and_gives_ready_commands(
     for text in ("run id", "a" * 32, "runs/quickstart", "models:/allinone/1 @champion"):
         assert text in shown
     assert "CBSD68-sigma25" in shown and "+0.17 vs NLM" in shown
+    timing = "time          7.6 min; stages' start-up 14 + 12 s (trainer.fit() to first step)"
+    assert timing in shown
     store = "--tracking-uri sqlite:////elsewhere/mlflow.db"  # not found from here: given
     assert f"allinone eval --model models:/allinone/1 --data data --baselines {store}" in shown
     assert f"restore --model models:/allinone/1 data/Rain100L/rain --out restored/ {store}" in shown

@@ -32,7 +32,7 @@ from allinone.evaluate.testsets import LAYOUT_DIRS, discover
 from allinone.tracking.report import UI, read_results, record_facts
 
 if TYPE_CHECKING:  # the run and the study bring Ray and Tune: `allinone eval` needs neither
-    from allinone.curriculum.run import RunSummary
+    from allinone.curriculum.run import RunSummary, RunTiming
     from allinone.tune.study import StudyResult
 
 
@@ -50,6 +50,7 @@ class Closing:
     data: Path | None  # the real test sets it was scored on
     photos: Path | None  # degraded real photos to try `restore` on
     log: Path | None  # the quiet console's log
+    time: str | None = None  # where the run's time went (timing_line)
 
     def commands(self) -> list[tuple[str, str]]:
         store = _store_flag(self.tracking_uri)
@@ -77,6 +78,7 @@ def print_closing(console: Console, closing: Closing) -> None:
         ("tracking URI", closing.tracking_uri),
         ("model", f"{closing.model} {closing.model_note or ''}".strip() if closing.model else ""),
         ("full log", shown_path(closing.log) if closing.log else ""),
+        ("time", closing.time or ""),
     ]
     for label, value in facts:  # one line each, never wrapped: a URI stays pasteable
         if value:
@@ -200,6 +202,16 @@ def results_tables(results: Results) -> list[Table]:
 
 
 # --------------------------------------------------------------------------- finishing
+def timing_line(timing: RunTiming) -> str:
+    """``7.6 min; stages' start-up 14 + 12 + 12 s (fit() to first step)``: the whole attempt,
+    then what each stage paid before it trained."""
+    line = f"{timing.wall_s / 60:.1f} min"
+    if timing.startups:
+        each = " + ".join(f"{s:.0f}" for s in timing.startups.values())
+        line += f"; stages' start-up {each} s (trainer.fit() to first step)"
+    return line
+
+
 def stages_of(pipeline: Pipeline) -> list[tuple[str, int]]:
     """The curriculum's stages and their steps, for the progress bars."""
     return [(stage.name, stage.steps) for stage in plan_stages(pipeline)]
@@ -224,6 +236,7 @@ def finish_run(console: Console, summary: RunSummary, pipeline: Pipeline, log: P
         data=_eval_data(pipeline),
         photos=photos_to_restore(_eval_data(pipeline), list(pipeline.config.tasks)),
         log=log,
+        time=timing_line(summary.timing) if summary.timing else None,
     )
     _point_latest(closing, pipeline)
     print_closing(console, closing)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from allinone.curriculum.state import CurriculumError, RunOptions, RunState
 from allinone.data import storage
 from allinone.data.storage import StoragePath
 from allinone.data.stream import shuffle_buffer_rows, train_data_config, training_dataset
-from allinone.train.job import NONFINITE_FILE, STATE_FILE, WEIGHTS_FILE, StageJob
+from allinone.train.job import NONFINITE_FILE, STARTUP_METRIC, STATE_FILE, WEIGHTS_FILE, StageJob
 from allinone.train.loop import train_stage
 
 
@@ -31,6 +32,7 @@ from allinone.train.loop import train_stage
 class StageResult:
     weights: Path
     steps: int
+    startup_s: float | None = None  # trainer.fit() called to the first step done
 
 
 def fit_stage(
@@ -84,6 +86,7 @@ def fit_stage(
         shuffle_rows=shuffle_buffer_rows(plan, config.data.batch_size),
         hold_final_scores=options.hold_final_scores and is_last(pipeline, stage),
         fault=options.fault,
+        fit_called_at=time.time(),  # the trainer is built and fit() called right after this
     )
     trainer = TorchTrainer(
         _train_from_storage,
@@ -198,4 +201,4 @@ def _collect(result, workdir: Path, stage: Stage, status_dir: StoragePath) -> St
         for name in (WEIGHTS_FILE, STATE_FILE):
             shutil.copy2(Path(folder) / name, target / f".{name}.part")
             os.replace(target / f".{name}.part", target / name)
-    return StageResult(target / WEIGHTS_FILE, int(metrics["step"]))
+    return StageResult(target / WEIGHTS_FILE, int(metrics["step"]), metrics.get(STARTUP_METRIC))

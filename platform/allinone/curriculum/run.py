@@ -7,6 +7,7 @@ directory so that ``--resume`` continues where a killed driver stopped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,15 @@ from allinone.evaluate.suites import Results
 from allinone.tracking import runs as tracking
 from allinone.tracking.registry import Registration, register_weights
 from allinone.tracking.resolve import write_model_card
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """Where this attempt's time went: all of it, and each stage's start-up (``trainer.fit()``
+    called to its first step: Ray Train's processes, imports, the engine, the first batch)."""
+
+    wall_s: float
+    startups: dict[str, float]  # stage -> seconds, for the stages trained in this attempt
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class RunSummary:
     eval: dict[str, float] = field(default_factory=dict)  # suite -> average PSNR on real sets
     registered: Registration | None = None
     results: Results | None = None  # the run-end suites' rows (real test sets, baselines)
+    timing: RunTiming | None = None  # None for a run that had finished earlier
 
     @property
     def average_psnr(self) -> float:
@@ -136,6 +147,7 @@ def _finished_earlier(pipeline: Pipeline, state: RunState, space: Workspace, say
 def _run(
     pipeline: Pipeline, options: RunOptions, state: RunState, space: Workspace, say
 ) -> RunSummary:
+    began = time.monotonic()
     start_ray(options.address)
     if options.shards is None:
         prepare_shards(pipeline, options.shard_root, on_build=say)
@@ -150,7 +162,7 @@ def _run(
             state.save(space.folder)
             _log_config(pipeline)
             mlflow.set_tags(options.tags)
-        weights, matrix = _run_stages(pipeline, options, state, space, say)
+        weights, matrix, startups = _run_stages(pipeline, options, state, space, say)
         final = _final_scores(matrix)
         mlflow.log_metrics(final)
         # A component's own stage (a classifier, a refinement decoder) learns no task.
@@ -182,13 +194,15 @@ def _run(
         averages,
         registered,
         results,
+        RunTiming(time.monotonic() - began, startups),
     )
 
 
 def _run_stages(pipeline, options, state, space, say):
-    """Every stage in order, skipping those a resumed run finished earlier: the last weights
-    and the task x stage PSNR matrix."""
+    """Every stage in order, skipping those a resumed run finished earlier: the last weights,
+    the task x stage PSNR matrix and the start-up of each stage trained here."""
     matrix: dict[str, dict[str, float]] = {}
+    startups: dict[str, float] = {}
     weights = pipeline.pretrained  # the first stage's start: our own checkpoint, or none
     for stage in plan_stages(pipeline):
         if stage.name in state.finished:
@@ -196,10 +210,12 @@ def _run_stages(pipeline, options, state, space, say):
             weights = Path(state.finished[stage.name]["weights"])
             matrix[stage.name] = state.finished[stage.name]["psnr"]
             continue
-        weights, matrix[stage.name] = _run_stage(
+        weights, matrix[stage.name], startup = _run_stage(
             pipeline, options, stage, state, weights, space, say
         )
-    return weights, matrix
+        if startup is not None:
+            startups[stage.name] = startup
+    return weights, matrix, startups
 
 
 def _run_stage(
@@ -210,7 +226,7 @@ def _run_stage(
     weights: Path | None,
     space: Workspace,
     say,
-) -> tuple[Path, dict[str, float]]:
+) -> tuple[Path, dict[str, float], float | None]:
     say(f"{stage.name}: training {', '.join(stage.tasks)} for {stage.steps} steps")
     with tracking.run(
         state.stage_runs.get(stage.name), space.experiment_id, stage.name, nested=True
@@ -238,7 +254,7 @@ def _run_stage(
         say(f"{stage.name}: " + ", ".join(f"{t} {p:.2f} dB" for t, p in psnr.items()))
     state.finished[stage.name] = {"weights": str(result.weights), "psnr": psnr, "run_id": run_id}
     state.save(space.folder)
-    return result.weights, psnr
+    return result.weights, psnr, result.startup_s
 
 
 def _log_config(pipeline: Pipeline) -> None:

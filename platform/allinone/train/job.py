@@ -12,6 +12,7 @@ WEIGHTS_FILE = "model.pt"
 STATE_FILE = "stage_state.json"
 NONFINITE_FILE = "nonfinite.json"
 CURRICULUM_STEP = "curriculum_step"  # steps since the curriculum began: ASHA's clock
+STARTUP_METRIC = "startup_s"  # in a stage's final report: trainer.fit() to its first step
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,5 @@ class StageJob:
     hold_final_scores: bool = False  # the final report leaves out the curriculum clock
     shuffle_rows: int = 64  # the worker's local shuffle buffer, rows (stream.shuffle_buffer_rows)
     fault: FaultInjection | None = None
+    # The driver's clock as it calls trainer.fit(): the stage's start-up ends at its first step.
+    fit_called_at: float | None = None

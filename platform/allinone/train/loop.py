@@ -31,6 +31,7 @@ from allinone.models.weights import load_state_file
 from allinone.train.job import (
     CURRICULUM_STEP,
     NONFINITE_FILE,
+    STARTUP_METRIC,
     STATE_FILE,
     WEIGHTS_FILE,
     FaultInjection,
@@ -111,7 +112,7 @@ def train_stage(config: dict[str, Any]) -> None:
 
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
-    started = time.perf_counter()
+    started, startup = time.perf_counter(), None
     for batch in batches:
         if step >= job.steps:
             break
@@ -126,6 +127,10 @@ def train_stage(config: dict[str, Any]) -> None:
         if ema:
             ema.update(engine.module)
         step += 1
+        if startup is None:
+            startup = time.time() - job.fit_called_at if job.fit_called_at else 0.0
+            if logger:
+                logger.log_startup(step, startup)
         if logger:
             logger.log(
                 step, parts, engine.get_lr()[0], lq.shape[0] * world, time.perf_counter() - started
@@ -144,6 +149,7 @@ def train_stage(config: dict[str, Any]) -> None:
             scores = validator.scores(weights, device) if evaluate else {}
             if logger and scores:
                 logger.log_validation(step, scores)
+            scores = {**scores, STARTUP_METRIC: startup} if final else scores
             _report(engine, ema, job, step, parts, scores, weights if save else None)
 
 
@@ -520,6 +526,11 @@ class StepLogger:
             self.client = MlflowClient(job.tracking_uri)
         self.window: list[tuple[float, float]] = []
         self.logged: dict[tuple[str, str], int] = {}  # (run, metric) -> last step it holds
+
+    def log_startup(self, step: int, seconds: float) -> None:
+        """``trainer.fit()`` called to this worker's first step done: ``train/startup_s``."""
+        if self.client:
+            self._to_mlflow(step, {"train/startup_s": seconds})
 
     def log_resume(self, step: int) -> None:
         """A worker that starts from a checkpoint says so: a line, and ``train/resumed_at``."""
