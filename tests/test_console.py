@@ -218,7 +218,7 @@ def test_the_closing_block_names_the_run_and_gives_ready_commands(
     for text in ("run id", "a" * 32, "runs/quickstart", "models:/allinone/1 @champion"):
         assert text in shown
     assert "CBSD68-sigma25" in shown and "+0.17 vs NLM" in shown
-    timing = "time          7.6 min; stages' start-up 14 + 12 s (trainer.fit() to first step)"
+    timing = "time          7.6 min (stage start-ups: 14 + 12 s, fit() to first step)"
     assert timing in shown
     store = "--tracking-uri sqlite:////elsewhere/mlflow.db"  # not found from here: given
     assert f"allinone eval --model models:/allinone/1 --data data --baselines {store}" in shown

@@ -276,7 +276,7 @@ def test_make_run_ends_with_the_block_and_the_real_test_sets(session) -> None:
     run_id = re.search(r"run id\s+([0-9a-f]{32})", block).group(1)
     assert "work folder   runs/quickstart" in block and "tracking URI" in block
     # Where the time went: the whole run, and each stage's start-up before it trained.
-    timing = re.search(r"time\s+(\d+\.\d) min; stages' start-up ([\d +]+) s \(trainer", block)
+    timing = re.search(r"time\s+(\d+\.\d) min \(stage start-ups: ([\d +]+) s, fit", block)
     startups = [float(s) for s in timing.group(2).split(" + ")]
     assert len(startups) == 3  # the quickstart's three stages
     assert all(s >= 1 for s in startups) and sum(startups) < 60 * float(timing.group(1))

@@ -203,12 +203,12 @@ def results_tables(results: Results) -> list[Table]:
 
 # --------------------------------------------------------------------------- finishing
 def timing_line(timing: RunTiming) -> str:
-    """``7.6 min; stages' start-up 14 + 12 + 12 s (fit() to first step)``: the whole attempt,
-    then what each stage paid before it trained."""
+    """``7.6 min (stage start-ups: 14 + 12 + 12 s, fit() to first step)``: the whole attempt,
+    and what each stage paid before it trained."""
     line = f"{timing.wall_s / 60:.1f} min"
     if timing.startups:
         each = " + ".join(f"{s:.0f}" for s in timing.startups.values())
-        line += f"; stages' start-up {each} s (trainer.fit() to first step)"
+        line += f" (stage start-ups: {each} s, fit() to first step)"
     return line
 
 
