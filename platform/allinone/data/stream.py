@@ -278,13 +278,16 @@ def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
     dropped, as ``drop_last`` does."""
     import torch
 
+    def tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {key: torch.from_numpy(column) for key, column in batch.items()}
+
     buffer = RampingShuffleBuffer(buffer_rows, batch_size, seed)
     for block in iterator.iter_batches(batch_size=None, batch_format="numpy"):
         buffer.add(block)
         while buffer.ready():
-            yield {k: torch.from_numpy(v) for k, v in buffer.take().items()}
-    while buffer.size >= batch_size:
-        yield {k: torch.from_numpy(v) for k, v in buffer.take().items()}
+            yield tensors(buffer.take())
+    while buffer.size >= batch_size:  # the pass has ended: what is left, in full batches
+        yield tensors(buffer.take())
 
 
 def train_data_config(dataset, workers: int = 1, name: str = "train"):
