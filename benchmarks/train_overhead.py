@@ -27,6 +27,7 @@ step, and the last step -> ``fit()`` returning, for the session's first stage an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -166,8 +167,7 @@ def platform_loop(
         shuffle_rows=4 * BATCH,
     )
     trainer = TorchTrainer(
-        _timed_stage,
-        train_loop_config={"job": job, "timings": str(timings)},
+        functools.partial(_timed_stage, {"job": job, "timings": str(timings)}),
         torch_config=LoopbackTorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker=WORKER_RESOURCES),
         run_config=RunConfig(
