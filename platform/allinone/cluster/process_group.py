@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -110,8 +111,6 @@ def _default_backend(worker_group) -> str:
 
 # --------------------------------------------------------------------------- on the workers
 def _prepare_worker(address: str, port: int) -> None:
-    import os
-
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
