@@ -17,6 +17,7 @@ from allinone.data.stream import (
     TaskShards,
     augment,
     decode_rgb8,
+    group_reads,
     plan_reads,
     read_crops,
     shuffled_batches,
@@ -183,6 +184,22 @@ def test_the_shuffle_buffer_serves_every_row_once_and_mixes_blocks() -> None:
     assert all((b["pixels"] == b["id"][:, None, None]).all() for b in served), "rows kept whole"
     blocks_per_batch = [len(set(batch["id"] // 16)) for batch in served[8:]]
     assert min(blocks_per_batch) >= 2 and np.mean(blocks_per_batch) > 3, blocks_per_batch
+
+
+@pytest.mark.parametrize("reads, slots", [(40, 4), (9, 2), (3, 8), (1, 1)])
+def test_read_tasks_start_with_one_read_and_end_on_single_reads(reads: int, slots: int) -> None:
+    """Every read once, in the planned order; the first task a single read (the first batch
+    waits for it), no task over MAX_READS_PER_TASK, tasks shrinking towards the pass's end."""
+    from allinone.data.stream import MAX_READS_PER_TASK
+
+    planned = [{"url": f"shard-{i}"} for i in range(reads)]
+    tasks = group_reads(planned, slots)
+    sizes = [len(task["reads"]) for task in tasks]
+    assert [read for task in tasks for read in task["reads"]] == planned
+    assert sizes[0] == 1 and max(sizes) <= MAX_READS_PER_TASK
+    assert sizes[1:] == sorted(sizes[1:], reverse=True) and sizes[-1] == 1, sizes
+    if reads == 40:
+        assert max(sizes) == MAX_READS_PER_TASK and len(tasks) < reads / 2, sizes
 
 
 def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None:

@@ -1,13 +1,16 @@
 """The training stream: each task's shards decoded, cropped, flipped and mixed by weight (Ray Data).
 
-Reading a shard, decoding and cropping happen in ONE Ray task per shard (``from_items`` of shard
-reads, ``flat_map`` to crops). The stock ``read_webdataset`` materialises every full-size decoded
-image in the object store before the crop; measured on 2 cores it streams at about 40% of this
-(``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays travel.
+Reading a shard, decoding and cropping happen in the same Ray task (``from_items`` of shard
+reads, a few to a task, ``flat_map`` to crops). The stock ``read_webdataset`` materialises every
+full-size decoded image in the object store before the crop; measured on 2 cores it streams at
+about 40% of this (``benchmarks/data_pipeline.py`` measures both). Only crop-sized uint8 arrays
+travel.
 
 A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
 given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
-loop would pay it again and again.
+loop would pay it again and again. Ray Data 2.60 runs a single task for the first second of every
+execution (it learns the cluster's CPUs from its autoscaling coordinator, an actor, and asks again
+once a second): the first read is one shard, so the first batch does not wait for more.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ READ_AHEAD_BLOCKS = 16  # shard reads decoded ahead of the trainer; see read_ahe
 # Crops per block a read task sends on. Blocks of 16 halved the first batch's wait (0.27 s against
 # 0.64) but cost 24% of the rate after it (benchmarks/data_pipeline.py): each block has a cost.
 BLOCK_ROWS = 64
+MAX_READS_PER_TASK = 4  # see group_reads
 EXIF_ORIENTATION = 0x0112
 
 
@@ -135,6 +139,30 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
             wanted -= 1
 
 
+def read_task_crops(task: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
+    """One Ray task's shard reads, one after another (see ``group_reads``)."""
+    for read in task["reads"]:
+        yield from read_crops(read, crop)
+
+
+def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, Any]]:
+    """The pass's reads as Ray tasks of several consecutive reads, ``{"reads": [...]}``.
+
+    A read task that ends leaves its core idle until Ray Data's scheduling loop sees it, and the
+    loop waits up to 0.1 s for all running tasks at once: with one read per task that cost about
+    a tenth of the cores. Tasks are sized as a guided schedule sizes loop chunks: the remaining
+    reads over twice the tasks running at once, at most ``MAX_READS_PER_TASK``, so the pass
+    ends on single reads, not on one long task with the other cores idle. The first task is one
+    read: the first batch waits for it."""
+    tasks, start = [], 0
+    while start < len(reads):
+        remaining = len(reads) - start
+        size = 1 if not tasks else min(MAX_READS_PER_TASK, math.ceil(remaining / (2 * parallel)))
+        tasks.append({"reads": reads[start : start + size]})
+        start += size
+    return tasks
+
+
 def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int]:
     if limit >= samples:
         return set(range(samples))
@@ -185,9 +213,9 @@ def training_dataset(plan: StreamPlan):
     """The stage's Ray Dataset of ``{lq, gt: uint8 (crop, crop, 3), task_id: int}`` rows."""
     import ray.data
 
-    reads = plan_reads(plan)
-    dataset = ray.data.from_items(reads, override_num_blocks=len(reads)).flat_map(
-        read_crops, fn_kwargs={"crop": plan.crop}
+    tasks = group_reads(plan_reads(plan), _cluster_cpus())
+    dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(
+        read_task_crops, fn_kwargs={"crop": plan.crop}
     )
     # Unbounded, Ray Data decodes the whole planned pass as fast as it can until its share of the
     # object store (GiBs) is full: on 2 cores, with a consumer taking 16 samples/s, the readers kept
@@ -208,6 +236,12 @@ def training_dataset(plan: StreamPlan):
         IdleBackoff,
     ]
     return dataset
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 MIXED_READS = 8  # shard reads a worker's shuffle buffer mixes: a read is one task's samples
@@ -282,7 +316,11 @@ def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
         return {key: torch.from_numpy(column) for key, column in batch.items()}
 
     buffer = RampingShuffleBuffer(buffer_rows, batch_size, seed)
-    for block in iterator.iter_batches(batch_size=None, batch_format="numpy"):
+    # No prefetch: Ray's iterator fetching one block ahead held back each block until the next
+    # had arrived, and the stage's first batch waited for two whole reads (0.8 s against 0.4).
+    # The executor still reads ahead into the object store; fetching a block from it is cheap.
+    blocks = iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+    for block in blocks:
         buffer.add(block)
         while buffer.ready():
             yield tensors(buffer.take())
@@ -322,27 +360,37 @@ def largest_read(plan: StreamPlan) -> int:
 
 
 class IdleBackoff:
-    """Sleep a little after each step of Ray Data's scheduling loop that came back at once.
+    """Sleep after each step of Ray Data's scheduling loop that came back at once having moved
+    nothing: 1 ms, then twice as long each such step in a row, up to ``MAX_SLEEP_S``.
 
     Ray 2.60's loop blocks in ``ray.wait`` on its running tasks, but once the read-ahead bound
     holds them back their outputs are always "ready": the loop then spins about 1 ms a step and
     keeps a core busy (measured: 0.9 of one, in the SplitCoordinator that serves a Train worker,
-    for as long as the trainer is slower than the readers; 0.05 with this). Implements Ray Data's
-    ``ExecutionCallback`` interface by duck typing: its base class lives in a private module."""
+    for as long as the trainer is slower than the readers). A fixed 50 ms sleep after every quick
+    step stopped that, but also delayed the next read after one ended, when a quick step is the
+    loop doing work: it cost the stream 9% of its rate (benchmarks/data_pipeline.py). Implements
+    Ray Data's ``ExecutionCallback`` interface by duck typing: its base class lives in a private
+    module."""
 
     SPIN_S = 0.005  # a step this short waited for nothing
-    SLEEP_S = 0.05  # delays launching the next read by at most this; a read takes ~0.4 s
+    FIRST_SLEEP_S = 0.001
+    MAX_SLEEP_S = 0.05  # delays the loop's reaction to the trainer taking a block by at most this
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
+        self.sleep_s = self.FIRST_SLEEP_S
+        self.moved = -1
 
     def before_execution_starts(self, executor) -> None:
         self.last = time.perf_counter()
 
     def on_execution_step(self, executor) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.SPIN_S:
-            time.sleep(self.SLEEP_S)
+        now, moved = time.perf_counter(), _work_moved(executor)
+        if moved != self.moved:
+            self.moved, self.sleep_s = moved, self.FIRST_SLEEP_S
+        elif now - self.last < self.SPIN_S:
+            time.sleep(self.sleep_s)
+            self.sleep_s = min(2 * self.sleep_s, self.MAX_SLEEP_S)
             now = time.perf_counter()
         self.last = now
 
@@ -351,6 +399,18 @@ class IdleBackoff:
 
     def after_execution_fails(self, executor, error: Exception) -> None:
         pass
+
+
+def _work_moved(executor) -> int:
+    """A count that grows whenever the loop submits a task or moves a block on; 0 where the
+    executor does not show its operators (``_topology`` is the only view of them it has)."""
+    topology = getattr(executor, "_topology", None) or {}
+    return sum(
+        op.metrics.num_tasks_submitted
+        + op.metrics.num_task_outputs_generated
+        + op.metrics.num_outputs_taken
+        for op in topology
+    )
 
 
 def to_model_batch(batch: dict[str, Any], device: str = "cpu", dtype=None):
