@@ -19,6 +19,7 @@ from allinone.data.stream import (
     decode_rgb8,
     group_reads,
     plan_reads,
+    planned_crops,
     read_crops,
     shuffled_batches,
     task_shards,
@@ -187,19 +188,37 @@ def test_the_shuffle_buffer_serves_every_row_once_and_mixes_blocks() -> None:
 
 
 @pytest.mark.parametrize("reads, slots", [(40, 4), (9, 2), (3, 8), (1, 1)])
-def test_read_tasks_start_with_one_read_and_end_on_single_reads(reads: int, slots: int) -> None:
-    """Every read once, in the planned order; the first task a single read (the first batch
-    waits for it), no task over MAX_READS_PER_TASK, tasks shrinking towards the pass's end."""
+def test_read_tasks_start_with_half_reads_and_end_on_single_reads(reads: int, slots: int) -> None:
+    """Every read once, in the planned order; the first read cut in two tasks of one half each
+    (the first batch waits for two blocks), no task over MAX_READS_PER_TASK, tasks shrinking
+    towards the pass's end."""
     from allinone.data.stream import MAX_READS_PER_TASK
 
     planned = [{"url": f"shard-{i}"} for i in range(reads)]
     tasks = group_reads(planned, slots)
-    sizes = [len(task["reads"]) for task in tasks]
-    assert [read for task in tasks for read in task["reads"]] == planned
-    assert sizes[0] == 1 and max(sizes) <= MAX_READS_PER_TASK
-    assert sizes[1:] == sorted(sizes[1:], reverse=True) and sizes[-1] == 1, sizes
+    assert [task["reads"] for task in tasks[:2]] == [
+        [{"url": "shard-0", "part": (0, 2)}],
+        [{"url": "shard-0", "part": (1, 2)}],
+    ]
+    sizes = [len(task["reads"]) for task in tasks[2:]]
+    assert [read for task in tasks[2:] for read in task["reads"]] == planned[1:]
+    assert sizes == sorted(sizes, reverse=True) and max(sizes, default=1) <= MAX_READS_PER_TASK
+    assert not sizes or sizes[-1] == 1, sizes
     if reads == 40:
-        assert max(sizes) == MAX_READS_PER_TASK and len(tasks) < reads / 2, sizes
+        assert max(sizes) == MAX_READS_PER_TASK and len(tasks) <= reads / 2, sizes
+
+
+@pytest.mark.parametrize("crops, limit", [(1, 4), (1, 3), (4, 13), (4, 16)])
+def test_two_parts_of_a_read_cut_its_crops_from_disjoint_samples(two_tasks, crops, limit) -> None:
+    noise, _ = two_tasks
+    read = {"url": noise.urls[0], "task_id": 0, "samples": noise.counts[0], "seed": 5}
+    read |= {"turns": True, "crops": crops, "limit": limit}
+    whole, _ = planned_crops(read)
+    first, second = (planned_crops(read | {"part": (i, 2)})[0] for i in range(2))
+    assert first and second and not set(first) & set(second)
+    assert first | second == whole and sum(whole.values()) == limit
+    rows = [list(read_crops(read | {"part": (i, 2)}, CROP)) for i in range(2)]
+    assert [len(r) for r in rows] == [sum(first.values()), sum(second.values())]
 
 
 def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None:

@@ -10,7 +10,8 @@ A stage's whole step budget is planned as one pass over a shuffled list of shard
 given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
 loop would pay it again and again. Ray Data 2.60 runs a single task for the first second of every
 execution (it learns the cluster's CPUs from its autoscaling coordinator, an actor, and asks again
-once a second): the first read is one shard, so the first batch does not wait for more.
+once a second): the first read is cut in two small tasks, so the first batch does not wait for
+more (``group_reads``).
 """
 
 from __future__ import annotations
@@ -125,18 +126,33 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
     """One shard read: ``limit`` crops, ``crops`` from each sample of a seeded random subset of
     its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3.
     Yielded as they are cut, so Ray Data can send a block on before the whole read is done."""
-    rng = np.random.default_rng(read["seed"])
-    per_sample, wanted = read["crops"], read["limit"]
-    keep = _kept_indices(read["samples"], math.ceil(wanted / per_sample), rng)
+    crops, rng = planned_crops(read)
+    last = max(crops, default=-1)
     for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
-        if index not in keep:
+        if index > last:
+            break
+        if index not in crops:
             continue
         lq = pad_to(decode_rgb8(members["lq.png"], f"{read['url']}:{key}"), crop)
         gt = pad_to(decode_rgb8(members["gt.png"], f"{read['url']}:{key}"), crop)
-        for _ in range(min(per_sample, wanted)):
+        for _ in range(crops[index]):
             lq_crop, gt_crop = augment(lq, gt, crop, rng, read["turns"])
             yield {"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]}
-            wanted -= 1
+
+
+def planned_crops(read: dict[str, Any]) -> tuple[dict[int, int], np.random.Generator]:
+    """Crops to cut from each sample a read decodes (by index in its shard), and the generator
+    for their windows. A read with ``part: (i, n)`` is the i-th of n disjoint parts of that read
+    (see ``group_reads``): every n-th of its samples, with the crops the whole read cuts there."""
+    rng = np.random.default_rng(read["seed"])
+    per_sample, limit = read["crops"], read["limit"]
+    kept = sorted(_kept_indices(read["samples"], math.ceil(limit / per_sample), rng))
+    crops = {index: min(per_sample, limit - n * per_sample) for n, index in enumerate(kept)}
+    part, parts = read.get("part", (0, 1))
+    if parts > 1:
+        crops = {index: crops[index] for index in kept[part::parts]}
+        rng = np.random.default_rng((read["seed"], part))
+    return crops, rng
 
 
 def read_task_crops(task: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
@@ -152,12 +168,17 @@ def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, An
     loop waits up to 0.1 s for all running tasks at once: with one read per task that cost about
     a tenth of the cores. Tasks are sized as a guided schedule sizes loop chunks: the remaining
     reads over twice the tasks running at once, at most ``MAX_READS_PER_TASK``, so the pass
-    ends on single reads, not on one long task with the other cores idle. The first task is one
-    read: the first batch waits for it."""
-    tasks, start = [], 0
+    ends on single reads, not on one long task with the other cores idle.
+
+    The first read is cut into two tasks of half its samples each. Ray's iterator hands a block
+    on only once the next one has arrived, and for its first second Ray Data runs one task at a
+    time: the first batch waited for two whole reads (0.8 s; two half reads, 0.4 s)."""
+    if not reads:
+        return []
+    tasks = [{"reads": [{**reads[0], "part": (i, 2)}]} for i in range(2)]
+    start = 1
     while start < len(reads):
-        remaining = len(reads) - start
-        size = 1 if not tasks else min(MAX_READS_PER_TASK, math.ceil(remaining / (2 * parallel)))
+        size = min(MAX_READS_PER_TASK, math.ceil((len(reads) - start) / (2 * parallel)))
         tasks.append({"reads": reads[start : start + size]})
         start += size
     return tasks
@@ -234,6 +255,7 @@ def training_dataset(plan: StreamPlan):
     context.custom_execution_callback_classes = [
         *context.custom_execution_callback_classes,
         IdleBackoff,
+        PromptClusterLimits,
     ]
     return dataset
 
@@ -316,11 +338,10 @@ def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
         return {key: torch.from_numpy(column) for key, column in batch.items()}
 
     buffer = RampingShuffleBuffer(buffer_rows, batch_size, seed)
-    # No prefetch: Ray's iterator fetching one block ahead held back each block until the next
-    # had arrived, and the stage's first batch waited for two whole reads (0.8 s against 0.4).
-    # The executor still reads ahead into the object store; fetching a block from it is cheap.
-    blocks = iterator.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
-    for block in blocks:
+    # Ray's default prefetch of one block: without it a slow consumer (a training step) cost
+    # 0.25 cores more of the machine (benchmarks/data_pipeline.py), though the first block came
+    # sooner; group_reads cuts the first read in two for that instead.
+    for block in iterator.iter_batches(batch_size=None, batch_format="numpy"):
         buffer.add(block)
         while buffer.ready():
             yield tensors(buffer.take())
@@ -393,6 +414,44 @@ class IdleBackoff:
             self.sleep_s = min(2 * self.sleep_s, self.MAX_SLEEP_S)
             now = time.perf_counter()
         self.last = now
+
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass
+
+
+class PromptClusterLimits:
+    """Have Ray Data ask for the cluster's CPUs every ``POLL_S`` until it knows them.
+
+    Ray Data 2.60 learns them from its autoscaling coordinator (an actor) with a call whose answer
+    arrives after the execution has started, and asks again once a second: for the first second
+    of every execution its limits are zero and it runs one task at a time (the pass's second read
+    task started 1.05-1.4 s in; on 2 cores, a second of one idle core in every stage's stream).
+    An ``ExecutionCallback`` by duck typing, as ``IdleBackoff``; the interval it shortens is the
+    resource manager's own (``GLOBAL_LIMITS_UPDATE_INTERVAL_S``), for this execution only, and
+    without that attribute it does nothing."""
+
+    POLL_S = 0.02
+    GIVE_UP_S = 5.0  # a cluster with no CPUs for Ray Data: stop asking early, Ray's interval then
+
+    def __init__(self) -> None:
+        self.manager, self.started = None, time.perf_counter()
+
+    def before_execution_starts(self, executor) -> None:
+        manager = getattr(executor, "_resource_manager", None)
+        if manager is not None and hasattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
+            manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = self.POLL_S  # shadows the class's 1 s
+            self.manager, self.started = manager, time.perf_counter()
+
+    def on_execution_step(self, executor) -> None:
+        if self.manager is None:
+            return
+        known = self.manager.get_global_limits().cpu > 0
+        if known or time.perf_counter() - self.started > self.GIVE_UP_S:
+            del self.manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S
+            self.manager = None
 
     def after_execution_succeeds(self, executor) -> None:
         pass
