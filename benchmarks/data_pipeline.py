@@ -6,9 +6,9 @@ Builds three tasks' shards (denoise, deblur, derain from tasks/*.yaml) from the 
 ../shared/data/train/CSun_Hays80, then streams batches of 8 random crops (decode, crop, flip,
 90-degree turn) four ways, each with 2 processes doing the data work where it can say so:
 
-- ``allinone.data.stream``: ``training_dataset(StreamPlan)`` (one Ray task per shard read) iterated
-  through ``shuffled_batches`` with the stage's ``shuffle_buffer_rows``, as a lone Ray Train
-  worker gets it;
+- ``allinone.data.stream``: ``training_dataset(StreamPlan)`` (Ray tasks of a few shard reads
+  each) iterated through ``shuffled_batches`` with the stage's ``shuffle_buffer_rows``, as a lone
+  Ray Train worker gets it;
 - the same with ``crops_per_sample=4`` (``data.crops_per_sample``): four random crops cut from each
   decoded pair, the decode (most of a sample's CPU) shared by four samples;
 - plain: ``webdataset.WebDataset(urls)`` + ``torch.utils.data.DataLoader(num_workers=2)``;

@@ -1,10 +1,10 @@
 """Object storage and cluster builds: the training stream reading shards from S3 against local disk,
 and a shard build on 1 against 2 Ray nodes, each pair measured in the same run.
 
-- stream: ``allinone.data.stream`` (one Ray task per shard read, as a stage trains) over the same
-  shards on local disk and in a real S3 API on 127.0.0.1 (moto's server, a process of its own),
-  reached through pyarrow as a cluster reaches S3 (AWS_* variables, AWS_ENDPOINT_URL); samples/s
-  after the first batch, median of the repeats, S3 / local.
+- stream: ``allinone.data.stream`` (Ray tasks of a few shard reads each, as a stage trains) over
+  the same shards on local disk and in a real S3 API on 127.0.0.1 (moto's server, a process of
+  its own), reached through pyarrow as a cluster reaches S3 (AWS_* variables, AWS_ENDPOINT_URL);
+  samples/s after the first batch, median of the repeats, S3 / local.
 - build: ``build_shards(on_ray=True)`` (one Ray task per shard) on a local Ray cluster of one node,
   then of two (``ray.cluster_utils.Cluster``, 1 CPU each); wall time, 1-node / 2-node. Both builds
   must give the same bytes.
