@@ -13,7 +13,9 @@ $(BIN)/python:
 # DeepSpeed compiles its CPU collective op (shared-memory all-reduce) the first time a process
 # group starts: ~45 s on 2 cores, which would otherwise land in the first stage of the first run.
 # Built here once, into torch's extension cache; on a GPU machine there is nothing to build.
-BUILD_OPS = $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+# With the venv's own ninja, as the training workers build it: a system ninja of another version
+# reads the build log as stale and builds the op again.
+BUILD_OPS = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
 	2>&1 | grep -E "built|rror" || true
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python

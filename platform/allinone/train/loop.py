@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -85,6 +86,7 @@ def cosine_with_warmup(train: TrainSection, steps: int):
 # --------------------------------------------------------------------------- the worker loop
 def train_stage(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``config["job"]`` is the :class:`StageJob`."""
+    _tools_beside_python_first()
     import deepspeed  # imported in the worker: it probes accelerators and builds ops at import
     import ray.train
 
@@ -151,6 +153,19 @@ def train_stage(config: dict[str, Any]) -> None:
                 logger.log_validation(step, scores)
             scores = {**scores, STARTUP_METRIC: startup} if final else scores
             _report(engine, ema, job, step, parts, scores, weights if save else None)
+
+
+def _tools_beside_python_first() -> None:
+    """Put this Python's own ``bin`` first on PATH, as an activated virtual environment has it.
+
+    DeepSpeed builds its CPU collective op with whichever ``ninja`` PATH finds first: the one
+    pip installs beside DeepSpeed (1.13) or a system one (Debian's 1.11). Each keeps a build log
+    the other reads as stale, so every switch between them rebuilt the op (30-45 s of a stage's
+    start-up). ``make`` builds it with this same ``bin`` first."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(here, "ninja")) and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path
 
 
 class FetchedAhead:
