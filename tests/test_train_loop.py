@@ -3,11 +3,13 @@ built, and nothing about the stream changes for the loop (order, end, errors).""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
 
-from allinone.train.loop import FetchedAhead
+from allinone.train.loop import FetchedAhead, _tools_beside_python_first
 
 
 def test_the_first_item_is_fetched_before_it_is_asked_for() -> None:
@@ -32,3 +34,13 @@ def test_an_empty_stream_ends_and_a_failing_one_raises_where_it_is_read() -> Non
     ahead = FetchedAhead(broken())
     with pytest.raises(OSError, match="shard-000003.tar: truncated"):
         next(iter(ahead))
+
+
+def test_the_worker_finds_the_ninja_beside_its_python_first(monkeypatch) -> None:
+    """DeepSpeed's op build runs `ninja` from PATH: the venv's one, as `make` built the op."""
+    here = os.path.dirname(sys.executable)
+    assert os.path.exists(os.path.join(here, "ninja")), "deepspeed brings the ninja package"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    _tools_beside_python_first()
+    _tools_beside_python_first()  # once only
+    assert os.environ["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]
