@@ -389,9 +389,9 @@ class IdleBackoff:
     keeps a core busy (measured: 0.9 of one, in the SplitCoordinator that serves a Train worker,
     for as long as the trainer is slower than the readers). A fixed 50 ms sleep after every quick
     step stopped that, but also delayed the next read after one ended, when a quick step is the
-    loop doing work: it cost the stream 9% of its rate (benchmarks/data_pipeline.py). Implements
-    Ray Data's ``ExecutionCallback`` interface by duck typing: its base class lives in a private
-    module."""
+    loop doing work: it cost the stream a tenth of its rate (benchmarks/data_pipeline.py).
+    Implements Ray Data's ``ExecutionCallback`` interface by duck typing: its base class lives in
+    a private module."""
 
     SPIN_S = 0.005  # a step this short waited for nothing
     FIRST_SLEEP_S = 0.001
