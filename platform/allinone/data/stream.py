@@ -8,10 +8,9 @@ travel.
 
 A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
 given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
-loop would pay it again and again. Ray Data 2.60 runs a single task for the first second of every
-execution (it learns the cluster's CPUs from its autoscaling coordinator, an actor, and asks again
-once a second): the first read is cut in two small tasks, so the first batch does not wait for
-more (``group_reads``).
+loop would pay it again and again. Ray Data runs one task at a time until it knows the cluster's
+CPUs (``PromptClusterLimits`` has it ask sooner), and the first read is cut in two small tasks, so
+the first batch waits for neither (``group_reads``).
 """
 
 from __future__ import annotations
@@ -171,8 +170,9 @@ def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, An
     ends on single reads, not on one long task with the other cores idle.
 
     The first read is cut into two tasks of half its samples each. Ray's iterator hands a block
-    on only once the next one has arrived, and for its first second Ray Data runs one task at a
-    time: the first batch waited for two whole reads (0.8 s; two half reads, 0.4 s)."""
+    on only once the next one has arrived, and until Ray Data knows the cluster's CPUs it runs
+    one task at a time: the first batch waited for two whole reads (0.8 s; two half reads,
+    0.4 s)."""
     if not reads:
         return []
     tasks = [{"reads": [{**reads[0], "part": (i, 2)}]} for i in range(2)]
