@@ -187,38 +187,42 @@ def test_the_shuffle_buffer_serves_every_row_once_and_mixes_blocks() -> None:
     assert min(blocks_per_batch) >= 2 and np.mean(blocks_per_batch) > 3, blocks_per_batch
 
 
-@pytest.mark.parametrize("reads, slots", [(40, 4), (9, 2), (3, 8), (1, 1)])
-def test_read_tasks_start_with_half_reads_and_end_on_single_reads(reads: int, slots: int) -> None:
-    """Every read once, in the planned order; the first read cut in two tasks of one half each
-    (the first batch waits for two blocks), no task over MAX_READS_PER_TASK, tasks shrinking
-    towards the pass's end."""
-    from allinone.data.stream import MAX_READS_PER_TASK
+@pytest.mark.parametrize("reads, slots, limit", [(40, 4, 64), (9, 2, 64), (3, 8, 3), (1, 1, 64)])
+def test_read_tasks_start_with_parts_of_a_read_and_end_on_single_reads(
+    reads: int, slots: int, limit: int
+) -> None:
+    """Every read once, in the planned order; the first read cut in FIRST_READ_PARTS tasks (no
+    more than the samples it keeps: the first batch waits for the first tasks' blocks), no task
+    over MAX_READS_PER_TASK, tasks shrinking towards the pass's end."""
+    from allinone.data.stream import FIRST_READ_PARTS, MAX_READS_PER_TASK
 
-    planned = [{"url": f"shard-{i}"} for i in range(reads)]
+    planned = [{"url": f"shard-{i}", "limit": limit, "crops": 1} for i in range(reads)]
     tasks = group_reads(planned, slots)
-    assert [task["reads"] for task in tasks[:2]] == [
-        [{"url": "shard-0", "part": (0, 2)}],
-        [{"url": "shard-0", "part": (1, 2)}],
+    parts = min(FIRST_READ_PARTS, limit)
+    assert [task["reads"] for task in tasks[:parts]] == [
+        [{**planned[0], "part": (i, parts)}] for i in range(parts)
     ]
-    sizes = [len(task["reads"]) for task in tasks[2:]]
-    assert [read for task in tasks[2:] for read in task["reads"]] == planned[1:]
+    sizes = [len(task["reads"]) for task in tasks[parts:]]
+    assert [read for task in tasks[parts:] for read in task["reads"]] == planned[1:]
     assert sizes == sorted(sizes, reverse=True) and max(sizes, default=1) <= MAX_READS_PER_TASK
     assert not sizes or sizes[-1] == 1, sizes
     if reads == 40:
-        assert max(sizes) == MAX_READS_PER_TASK and len(tasks) <= reads / 2, sizes
+        assert max(sizes) == MAX_READS_PER_TASK and len(sizes) <= reads / 2, sizes
 
 
-@pytest.mark.parametrize("crops, limit", [(1, 4), (1, 3), (4, 13), (4, 16)])
-def test_two_parts_of_a_read_cut_its_crops_from_disjoint_samples(two_tasks, crops, limit) -> None:
+@pytest.mark.parametrize("crops, limit, parts", [(1, 4, 2), (1, 3, 2), (4, 13, 2), (4, 16, 4)])
+def test_parts_of_a_read_cut_its_crops_from_disjoint_samples(
+    two_tasks, crops, limit, parts
+) -> None:
     noise, _ = two_tasks
     read = {"url": noise.urls[0], "task_id": 0, "samples": noise.counts[0], "seed": 5}
     read |= {"turns": True, "crops": crops, "limit": limit}
     whole, _ = planned_crops(read)
-    first, second = (planned_crops(read | {"part": (i, 2)})[0] for i in range(2))
-    assert first and second and not set(first) & set(second)
-    assert first | second == whole and sum(whole.values()) == limit
-    rows = [list(read_crops(read | {"part": (i, 2)}, CROP)) for i in range(2)]
-    assert [len(r) for r in rows] == [sum(first.values()), sum(second.values())]
+    cut = [planned_crops(read | {"part": (i, parts)})[0] for i in range(parts)]
+    assert all(cut) and sum(len(c) for c in cut) == len(set().union(*cut)), "disjoint samples"
+    assert {k: v for c in cut for k, v in c.items()} == whole and sum(whole.values()) == limit
+    rows = [list(read_crops(read | {"part": (i, parts)}, CROP)) for i in range(parts)]
+    assert [len(r) for r in rows] == [sum(c.values()) for c in cut]
 
 
 def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None:

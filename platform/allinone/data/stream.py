@@ -9,8 +9,8 @@ travel.
 A stage's whole step budget is planned as one pass over a shuffled list of shard reads, each task
 given its weight's share of the samples: starting a Ray Data pass costs about a second, an epoch
 loop would pay it again and again. Ray Data runs one task at a time until it knows the cluster's
-CPUs (``PromptClusterLimits`` has it ask sooner), and the first read is cut in two small tasks, so
-the first batch waits for neither (``group_reads``).
+CPUs (``PromptClusterLimits`` has it ask sooner), and the first read is cut in several small
+tasks, so the first batch waits for neither (``group_reads``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ READ_AHEAD_BLOCKS = 16  # shard reads decoded ahead of the trainer; see read_ahe
 # 0.64) but cost 24% of the rate after it (benchmarks/data_pipeline.py): each block has a cost.
 BLOCK_ROWS = 64
 MAX_READS_PER_TASK = 4  # see group_reads
+FIRST_READ_PARTS = 8  # see group_reads
 EXIF_ORIENTATION = 0x0112
 
 
@@ -169,13 +170,17 @@ def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, An
     reads over twice the tasks running at once, at most ``MAX_READS_PER_TASK``, so the pass
     ends on single reads, not on one long task with the other cores idle.
 
-    The first read is cut into two tasks of half its samples each. Ray's iterator hands a block
-    on only once the next one has arrived, and until Ray Data knows the cluster's CPUs it runs
-    one task at a time: the first batch waited for two whole reads (0.8 s; two half reads,
-    0.4 s)."""
+    The first read is cut into ``FIRST_READ_PARTS`` tasks (fewer for a read of fewer samples),
+    each of every n-th of its samples. Ray's iterator hands a block on only once the next one has
+    arrived, and all the tasks that first run at once are parts of that read, so the first batch
+    waits for a small fraction of one read: on 2 cores (4 tasks at once) the first batch came
+    after 0.47 s with two halves, 0.23 s with four parts and 0.19 s with eight (median of 6,
+    one process, whole 500-sample passes of benchmarks/data_pipeline.py's shards)."""
     if not reads:
         return []
-    tasks = [{"reads": [{**reads[0], "part": (i, 2)}]} for i in range(2)]
+    first = reads[0]
+    parts = max(1, min(FIRST_READ_PARTS, math.ceil(first["limit"] / first["crops"])))
+    tasks = [{"reads": [{**first, "part": (i, parts)}]} for i in range(parts)]
     start = 1
     while start < len(reads):
         size = min(MAX_READS_PER_TASK, math.ceil((len(reads) - start) / (2 * parallel)))
@@ -340,7 +345,7 @@ def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
     buffer = RampingShuffleBuffer(buffer_rows, batch_size, seed)
     # Ray's default prefetch of one block: without it a slow consumer (a training step) cost
     # 0.25 cores more of the machine (benchmarks/data_pipeline.py), though the first block came
-    # sooner; group_reads cuts the first read in two for that instead.
+    # sooner; group_reads cuts the first read in parts for that instead.
     for block in iterator.iter_batches(batch_size=None, batch_format="numpy"):
         buffer.add(block)
         while buffer.ready():
