@@ -3,6 +3,7 @@ shuffle buffer serves every row once, the first batch as soon as it can."""
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -138,6 +139,26 @@ def test_several_crops_are_cut_from_each_decoded_sample(tmp_path: Path) -> None:
     sources = [_window_of(row, pairs) for row in rows]
     assert len(set(sources)) == 3  # ceil(10 / 4) samples decoded, 4 + 4 + 2 crops
     assert len({row["gt"].tobytes() for row in rows}) == 10  # different windows
+
+
+def test_a_png_is_decoded_in_part_only_where_no_exif_can_turn_it() -> None:
+    """Asked for its first rows, a shard PNG decodes to exactly the whole image's first rows; one
+    with an EXIF orientation decodes whole and upright, as without the rows."""
+    from PIL import Image
+
+    photo = Image.open(PHOTOS[0]).convert("RGB")
+    whole = np.asarray(photo)
+    plain, turned = io.BytesIO(), io.BytesIO()
+    photo.save(plain, format="PNG", compress_level=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    photo.save(turned, format="PNG", exif=exif.tobytes())
+    top = decode_rgb8(plain.getvalue(), "plain.png", rows=40)
+    assert top.shape == (40, *whole.shape[1:]) and np.array_equal(top, whole[:40])
+    assert np.array_equal(decode_rgb8(plain.getvalue(), "plain.png", rows=10**6), whole)
+    upright = decode_rgb8(turned.getvalue(), "turned.png", rows=40)
+    assert upright.shape == (whole.shape[1], whole.shape[0], 3)
+    assert np.array_equal(upright, decode_rgb8(turned.getvalue(), "turned.png"))
 
 
 def _window_of(row: dict, pairs: list) -> int:

@@ -125,7 +125,11 @@ def _task_reads(
 def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
     """One shard read: ``limit`` crops, ``crops`` from each sample of a seeded random subset of
     its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3.
-    Yielded as they are cut, so Ray Data can send a block on before the whole read is done."""
+    Yielded as they are cut, so Ray Data can send a block on before the whole read is done.
+
+    A sample's windows are drawn from its PNG header before it is decoded, and only the rows down
+    to the lowest window's last are decoded (``decode_rgb8``): PNG rows decode in order, and a
+    96 px window of a 256 px image needs 69% of its rows on average."""
     crops, rng = planned_crops(read)
     last = max(crops, default=-1)
     for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
@@ -133,10 +137,15 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
             break
         if index not in crops:
             continue
-        lq = pad_to(decode_rgb8(members["lq.png"], f"{read['url']}:{key}"), crop)
-        gt = pad_to(decode_rgb8(members["gt.png"], f"{read['url']}:{key}"), crop)
-        for _ in range(crops[index]):
-            lq_crop, gt_crop = augment(lq, gt, crop, rng, read["turns"])
+        name = f"{read['url']}:{key}"
+        height, width = image_size(members["lq.png"], name)
+        padded = max(height, crop), max(width, crop)
+        windows = [draw_window(*padded, crop, rng, read["turns"]) for _ in range(crops[index])]
+        rows = max(window.top for window in windows) + crop
+        lq = pad_to(decode_rgb8(members["lq.png"], name, rows), crop)
+        gt = pad_to(decode_rgb8(members["gt.png"], name, rows), crop)
+        for window in windows:
+            lq_crop, gt_crop = window.cut(lq, crop), window.cut(gt, crop)
             yield {"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]}
 
 
@@ -195,17 +204,53 @@ def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int
     return {int(i) for i in rng.choice(samples, size=limit, replace=False)}
 
 
-def decode_rgb8(data: bytes, name: str) -> np.ndarray:
-    """A shard member as uint8 HxWx3. Shards hold 8-bit RGB PNGs (``encode_png``): those decode
-    straight to uint8, skipping the float image, which cost about 1 of every 6 ms a sample took
-    (benchmarks/data_pipeline.py). Anything else takes the general path; both give equal pixels."""
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """A shard member's (height, width), read from its header without decoding it."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION) in (None, 1):
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        image = decode_rgb8(data, name)  # raises the error that names the member, or decodes
+        return image.shape[0], image.shape[1]
+
+
+def decode_rgb8(data: bytes, name: str, rows: int | None = None) -> np.ndarray:
+    """A shard member as uint8 HxWx3, or only its first ``rows`` rows where it can stop there.
+
+    Shards hold 8-bit RGB PNGs (``encode_png``): those decode straight to uint8, skipping the float
+    image, which cost about 1 of every 6 ms a sample took (benchmarks/data_pipeline.py). Anything
+    else takes the general path, whole; both give equal pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode == "RGB" and _upright(image, data):
+                if rows is not None and rows < image.height:
+                    _stop_after_rows(image, rows)
                 return np.asarray(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         pass  # the general path raises the error that names the member
     return to_uint8(decode_image_bytes(data, name))
+
+
+def _upright(image: Image.Image, data: bytes) -> bool:
+    """No EXIF orientation to apply. A PNG's EXIF chunk (eXIf) may follow its pixels, and Pillow
+    decodes the whole image to look for one; a PNG without the chunk's name among its bytes has
+    none, and may be decoded in part."""
+    if image.format == "PNG" and b"eXIf" not in data:
+        return True
+    return image.getexif().get(EXIF_ORIENTATION) in (None, 1)
+
+
+def _stop_after_rows(image: Image.Image, rows: int) -> None:
+    """Have Pillow decode a non-interlaced PNG's first ``rows`` rows only: its decoder fills the
+    one tile it is given row by row and ignores the data left over. Any other image is left as
+    it is, to decode whole."""
+    if image.format != "PNG" or image.info.get("interlace") or len(image.tile) != 1:
+        return
+    (tile,) = image.tile
+    if tuple(tile.extents) != (0, 0, image.width, image.height):
+        return
+    image.tile = [tile._replace(extents=(0, 0, image.width, rows))]
+    image._size = (image.width, rows)
 
 
 def pad_to(image: np.ndarray, size: int) -> np.ndarray:
@@ -218,21 +263,39 @@ def pad_to(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, pad, mode=mode) if min(h, w) > 1 else np.pad(image, pad, mode="edge")
 
 
+@dataclass(frozen=True)
+class Window:
+    """One random training crop: where it lies, and whether it is mirrored and turned."""
+
+    top: int
+    left: int
+    mirrored: bool
+    quarter_turns: int
+
+    def cut(self, image: np.ndarray, crop: int) -> np.ndarray:
+        image = image[self.top : self.top + crop, self.left : self.left + crop]
+        if self.mirrored:
+            image = image[:, ::-1]
+        # A contiguous copy: torch refuses to wrap the read-only strided views rot90 and flips give.
+        return np.ascontiguousarray(np.rot90(image, self.quarter_turns))
+
+
+def draw_window(
+    height: int, width: int, crop: int, rng: np.random.Generator, turns: bool = True
+) -> Window:
+    """A random window of an image of ``height`` x ``width``, mirrored at random, and (where
+    ``turns``) turned by a random number of quarter turns."""
+    top, left = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
+    mirrored = bool(rng.random() < 0.5)
+    return Window(top, left, mirrored, int(rng.integers(0, 4)) if turns else 0)
+
+
 def augment(
     lq: np.ndarray, gt: np.ndarray, crop: int, rng: np.random.Generator, turns: bool = True
 ):
     """The same random window, mirror and (where ``turns``) 90-degree turn on both sides."""
-    h, w = lq.shape[:2]
-    top, left = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-    lq, gt = lq[top : top + crop, left : left + crop], gt[top : top + crop, left : left + crop]
-    if rng.random() < 0.5:
-        lq, gt = lq[:, ::-1], gt[:, ::-1]
-    quarter_turns = int(rng.integers(0, 4)) if turns else 0
-    # Contiguous copies: torch refuses to wrap the read-only strided views rot90 and flips give.
-    return (
-        np.ascontiguousarray(np.rot90(lq, quarter_turns)),
-        np.ascontiguousarray(np.rot90(gt, quarter_turns)),
-    )
+    window = draw_window(*lq.shape[:2], crop, rng, turns)
+    return window.cut(lq, crop), window.cut(gt, crop)
 
 
 def training_dataset(plan: StreamPlan):
