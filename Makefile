@@ -12,11 +12,13 @@ $(BIN)/python:
 
 # DeepSpeed compiles its CPU collective op (shared-memory all-reduce) the first time a process
 # group starts: ~45 s on 2 cores, which would otherwise land in the first stage of the first run.
-# Built here once, into torch's extension cache; on a GPU machine there is nothing to build.
-# With the venv's own ninja, as the training workers build it: a system ninja of another version
-# reads the build log as stale and builds the op again.
-BUILD_OPS = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
-	2>&1 | grep -E "built|rror" || true
+# Built here once, into this venv's own extension cache (torch's default is one per user, which
+# another checkout's venv would rebuild with its own paths); on a GPU machine there is nothing to
+# build. With the venv's own ninja, as the training workers build it: a system ninja of another
+# version reads the build log as stale and builds the op again.
+OPS_ENV = PATH="$(abspath $(BIN)):$$PATH" TORCH_EXTENSIONS_DIR="$(abspath $(VENV))/torch_extensions"
+BUILD_OPS = $(OPS_ENV) $(BIN)/python -c \
+	"from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -E "built|rror" || true
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from allinone.train.loop import FetchedAhead, _tools_beside_python_first
+from allinone.train.loop import FetchedAhead, _build_ops_as_make_does
 
 
 def test_the_first_item_is_fetched_before_it_is_asked_for() -> None:
@@ -36,11 +36,20 @@ def test_an_empty_stream_ends_and_a_failing_one_raises_where_it_is_read() -> Non
         next(iter(ahead))
 
 
-def test_the_worker_finds_the_ninja_beside_its_python_first(monkeypatch) -> None:
-    """DeepSpeed's op build runs `ninja` from PATH: the venv's one, as `make` built the op."""
+def test_the_worker_builds_ops_with_its_venvs_ninja_into_its_venvs_cache(monkeypatch) -> None:
+    """DeepSpeed's op build runs `ninja` from PATH: the venv's one, as `make` built the op, into
+    the extension cache `make` built it in (the venv's own), unless the user named another."""
     here = os.path.dirname(sys.executable)
     assert os.path.exists(os.path.join(here, "ninja")), "deepspeed brings the ninja package"
+    assert sys.prefix != sys.base_prefix, "the tests run in the project's virtual environment"
     monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
-    _tools_beside_python_first()
-    _tools_beside_python_first()  # once only
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    _build_ops_as_make_does()
+    _build_ops_as_make_does()  # once only
     assert os.environ["PATH"].split(os.pathsep) == [here, "/usr/bin", "/bin"]
+    built = os.path.join(sys.prefix, "torch_extensions")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == built
+    assert os.path.isdir(os.path.join(built, "deepspeed_shm_comm")), "make built the op there"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/srv/ops")
+    _build_ops_as_make_does()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/srv/ops"

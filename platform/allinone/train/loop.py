@@ -41,9 +41,13 @@ from allinone.train.job import (
 from allinone.train.losses import total_loss
 
 DS_TAG = "engine"
+# DeepSpeed's built ops, in the virtual environment: the Makefile builds them there too.
+EXTENSIONS_DIR = "torch_extensions"
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
+
+
 def deepspeed_config(train: TrainSection, batch_size: int, world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -86,7 +90,7 @@ def cosine_with_warmup(train: TrainSection, steps: int):
 # --------------------------------------------------------------------------- the worker loop
 def train_stage(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``config["job"]`` is the :class:`StageJob`."""
-    _tools_beside_python_first()
+    _build_ops_as_make_does()
     import deepspeed  # imported in the worker: it probes accelerators and builds ops at import
     import ray.train
 
@@ -155,17 +159,23 @@ def train_stage(config: dict[str, Any]) -> None:
             _report(engine, ema, job, step, parts, scores, weights if save else None)
 
 
-def _tools_beside_python_first() -> None:
-    """Put this Python's own ``bin`` first on PATH, as an activated virtual environment has it.
+def _build_ops_as_make_does() -> None:
+    """Build and load DeepSpeed's ops as ``make`` built them at install: with this Python's own
+    ``bin`` first on PATH, as an activated virtual environment has it, and into a cache of this
+    virtual environment's own.
 
     DeepSpeed builds its CPU collective op with whichever ``ninja`` PATH finds first: the one
     pip installs beside DeepSpeed (1.13) or a system one (Debian's 1.11). Each keeps a build log
     the other reads as stale, so every switch between them rebuilt the op (30-45 s of a stage's
-    start-up). ``make`` builds it with this same ``bin`` first."""
+    start-up). Torch keys its extension cache by op name alone: two checkouts' venvs on one
+    machine (a CI clone beside a working copy) rebuilt it for each other, each with its own
+    paths. ``TORCH_EXTENSIONS_DIR`` set by the user is kept."""
     here = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.exists(os.path.join(here, "ninja")) and path.split(os.pathsep)[0] != here:
         os.environ["PATH"] = here + os.pathsep + path
+    if sys.prefix != sys.base_prefix:  # a virtual environment
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, EXTENSIONS_DIR))
 
 
 class FetchedAhead:
