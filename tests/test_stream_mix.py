@@ -246,6 +246,24 @@ def test_parts_of_a_read_cut_its_crops_from_disjoint_samples(
     assert [len(r) for r in rows] == [sum(c.values()) for c in cut]
 
 
+def test_the_read_ahead_bound_is_a_crop_a_sample_and_reaches_ray_train(
+    ray_session, two_tasks
+) -> None:
+    """The object store a stage may fill ahead is READ_AHEAD_SHARDS whole shards' worth of
+    crops, however many crops a read cuts from each sample, and Ray Train's DataConfig keeps it
+    (once per worker) instead of its own unbounded defaults."""
+    from allinone.data.stream import READ_AHEAD_SHARDS, read_ahead_bytes, train_data_config
+
+    one = StreamPlan(two_tasks, {}, CROP, samples=40, seed=0)
+    four = StreamPlan(two_tasks, {}, CROP, samples=40, seed=0, crops_per_sample=4)
+    bound = READ_AHEAD_SHARDS * max(two_tasks[0].counts) * CROP * CROP * 3 * 2
+    assert read_ahead_bytes(one) == read_ahead_bytes(four) == bound
+    dataset = training_dataset(four)
+    assert dataset.context.execution_options.resource_limits.object_store_memory == bound
+    options = train_data_config(dataset, workers=2)._resolve_execution_options("train")
+    assert options.resource_limits.object_store_memory == 2 * bound
+
+
 def test_shuffled_batches_stream_a_real_ray_pass(ray_session, two_tasks) -> None:
     plan = StreamPlan(two_tasks, {}, CROP, samples=40, seed=0)
     planned = sum(read["limit"] for read in plan_reads(plan))  # 40 x the safety margin: 50

@@ -32,7 +32,7 @@ from allinone.data.shards import iter_tar_samples, read_manifest, shard_urls
 from allinone.data.storage import StoragePath
 
 SAFETY_MARGIN = 1.25  # plan a little more data than the budget: crops of tiny images can be fewer
-READ_AHEAD_BLOCKS = 16  # shard reads decoded ahead of the trainer; see read_ahead_bytes
+READ_AHEAD_SHARDS = 16  # crops of this many whole shards cut ahead; see read_ahead_bytes
 # Crops per block a read task sends on. Blocks of 16 halved the first batch's wait (0.27 s against
 # 0.64) but cost 24% of the rate after it (benchmarks/data_pipeline.py): each block has a cost.
 BLOCK_ROWS = 64
@@ -418,7 +418,7 @@ def shuffled_batches(iterator, batch_size: int, buffer_rows: int, seed: int):
 
 
 def train_data_config(dataset, workers: int = 1, name: str = "train"):
-    """Ray Train's ``DataConfig`` that keeps the stream's read-ahead bound (``READ_AHEAD_BLOCKS``
+    """Ray Train's ``DataConfig`` that keeps the stream's read-ahead bound (``read_ahead_bytes``
     per Train worker): Train otherwise replaces a dataset's execution options with the driver's
     defaults, unbounded. Measured with one worker taking 16 samples/s: readers busy 1.7 cores and
     the object store growing 8 MiB/s without it; 0.3 cores and a flat store with it."""
@@ -434,8 +434,15 @@ def train_data_config(dataset, workers: int = 1, name: str = "train"):
 
 
 def read_ahead_bytes(plan: StreamPlan) -> int:
-    """Object store Ray Data may fill ahead of the trainer: ``READ_AHEAD_BLOCKS`` shard reads."""
-    return READ_AHEAD_BLOCKS * largest_read(plan) * crop_bytes(plan)
+    """Object store Ray Data may fill ahead of the trainer: a crop for every sample of
+    ``READ_AHEAD_SHARDS`` of the largest shards, however many crops a read cuts from a sample.
+
+    Fewer rows than that held the read tasks back: with a consumer as fast as it can go, 256 rows
+    gave 345 samples/s against 477 for 1,024 (4 crops a sample: 871 against 1,105), as Ray Data
+    starts a task only where the bound has room for its output. More cost a training step the
+    decoding of everything read ahead while it starts: at 4 crops a sample, 4,096 rows took
+    1.11x the in-memory step over a stage's first 35 steps (benchmarks/data_pipeline.py)."""
+    return READ_AHEAD_SHARDS * largest_shard(plan) * crop_bytes(plan)
 
 
 def crop_bytes(plan: StreamPlan) -> int:
@@ -444,8 +451,12 @@ def crop_bytes(plan: StreamPlan) -> int:
 
 def largest_read(plan: StreamPlan) -> int:
     """Rows the largest shard read yields: a whole shard, ``crops_per_sample`` from each sample."""
-    largest = max((count for task in plan.tasks for count in task.counts), default=1)
-    return largest * plan.crops_per_sample
+    return largest_shard(plan) * plan.crops_per_sample
+
+
+def largest_shard(plan: StreamPlan) -> int:
+    """Samples in the plan's largest shard."""
+    return max((count for task in plan.tasks for count in task.counts), default=1)
 
 
 class IdleBackoff:
