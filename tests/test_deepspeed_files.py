@@ -19,8 +19,10 @@ import torch, torch.distributed as dist
 port, root, marker = sys.argv[1:]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
+from allinone.train.loop import DS_TAG, _build_ops_as_make_does, _restore
+
+_build_ops_as_make_does()  # the op make built is the one loaded, as in a worker
 import deepspeed, ray.train
-from allinone.train.loop import DS_TAG, _restore
 
 dist.init_process_group("gloo")
 
@@ -94,11 +96,13 @@ import torch, torch.distributed as dist
 port, sd = sys.argv[1:]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
-import deepspeed
 from allinone.config import TrainSection
 from allinone.models.spec import ModelSpec
 from allinone.train.job import StageJob
-from allinone.train.loop import _engine, _loss, consolidated_weights
+from allinone.train.loop import _build_ops_as_make_does, _engine, _loss, consolidated_weights
+
+_build_ops_as_make_does()  # the op make built is the one loaded, as in a worker
+import deepspeed
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)
