@@ -217,7 +217,8 @@ def test_read_tasks_start_with_parts_of_a_read_and_end_on_single_reads(
     over MAX_READS_PER_TASK, tasks shrinking towards the pass's end."""
     from allinone.data.stream import FIRST_READ_PARTS, MAX_READS_PER_TASK
 
-    planned = [{"url": f"shard-{i}", "limit": limit, "crops": 1} for i in range(reads)]
+    read = {"samples": 64, "limit": limit, "crops": 1}
+    planned = [{"url": f"shard-{i}", **read} for i in range(reads)]
     tasks = group_reads(planned, slots)
     parts = min(FIRST_READ_PARTS, limit)
     assert [task["reads"] for task in tasks[:parts]] == [

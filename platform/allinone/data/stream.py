@@ -155,7 +155,7 @@ def planned_crops(read: dict[str, Any]) -> tuple[dict[int, int], np.random.Gener
     (see ``group_reads``): every n-th of its samples, with the crops the whole read cuts there."""
     rng = np.random.default_rng(read["seed"])
     per_sample, limit = read["crops"], read["limit"]
-    kept = sorted(_kept_indices(read["samples"], math.ceil(limit / per_sample), rng))
+    kept = sorted(_kept_indices(read["samples"], samples_kept(read), rng))
     crops = {index: min(per_sample, limit - n * per_sample) for n, index in enumerate(kept)}
     part, parts = read.get("part", (0, 1))
     if parts > 1:
@@ -188,7 +188,7 @@ def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, An
     if not reads:
         return []
     first = reads[0]
-    parts = max(1, min(FIRST_READ_PARTS, math.ceil(first["limit"] / first["crops"])))
+    parts = max(1, min(FIRST_READ_PARTS, samples_kept(first)))
     tasks = [{"reads": [{**first, "part": (i, parts)}]} for i in range(parts)]
     start = 1
     while start < len(reads):
@@ -196,6 +196,11 @@ def group_reads(reads: list[dict[str, Any]], parallel: int) -> list[dict[str, An
         tasks.append({"reads": reads[start : start + size]})
         start += size
     return tasks
+
+
+def samples_kept(read: dict[str, Any]) -> int:
+    """Samples a read decodes: enough to cut its ``limit`` crops, ``crops`` from each."""
+    return min(read["samples"], math.ceil(read["limit"] / read["crops"]))
 
 
 def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int]:

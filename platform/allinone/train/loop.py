@@ -46,8 +46,6 @@ EXTENSIONS_DIR = "torch_extensions"
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
-
-
 def deepspeed_config(train: TrainSection, batch_size: int, world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_size,
