@@ -70,15 +70,15 @@ WORKERS = 2
 
 # --------------------------------------------------------------------------- data
 def build_task_shards(
-    scratch: Path, photos: int, variants: int, per_shard: int
+    scratch: Path, photos: int, variants: int, per_shard: int, members: str = "png"
 ) -> list[TaskShards]:
     source = photo_folder(scratch / "photos", photos)
     shards = []
     for task_id, name in enumerate(TASKS):
         task = load_task(REPO / "tasks" / f"{name}.yaml")
-        train = task.train.model_copy(update={"variants": variants})
+        train = task.train.model_copy(update={"variants": variants, "members": members})
         task = task.model_copy(update={"train": train})
-        out = scratch / "shards" / name
+        out = scratch / "shards" / members / name
         build_shards(BuildRequest(task, "train", str(source), out, per_shard), workers=WORKERS)
         shards.append(task_shards(out, name, task_id))
     return shards
@@ -104,8 +104,11 @@ def _passes(tasks: list[TaskShards], samples: int) -> list[tuple[str, int]]:
     ]
 
 
-def _decode_rgb8(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
+def _decode_rgb8(sample: dict, side: str) -> np.ndarray:
+    """What a plain WebDataset pipeline does with a member: PIL for a PNG, NumPy for an array."""
+    if f"{side}.npy" in sample:
+        return np.load(io.BytesIO(sample[f"{side}.npy"]), allow_pickle=False)
+    with Image.open(io.BytesIO(sample[f"{side}.png"])) as image:
         return np.asarray(image.convert("RGB"))
 
 
@@ -118,9 +121,8 @@ class _PlainCrop:
     def __call__(self, sample: dict) -> tuple[np.ndarray, np.ndarray, int]:
         if self.rng is None:  # one generator per DataLoader worker process
             self.rng = np.random.default_rng(torch.utils.data.get_worker_info().seed % 2**32)
-        lq, gt = augment(
-            _decode_rgb8(sample["lq.png"]), _decode_rgb8(sample["gt.png"]), self.crop, self.rng
-        )
+        lq, gt = _decode_rgb8(sample, "lq"), _decode_rgb8(sample, "gt")
+        lq, gt = augment(lq, gt, self.crop, self.rng)
         return np.ascontiguousarray(lq), np.ascontiguousarray(gt), self.ids[sample["__url__"]]
 
 
@@ -162,15 +164,20 @@ def stock_ray(tasks: list[TaskShards], crop: int, samples: int):
     return ((b["lq"], b["gt"], b["task_id"]) for b in batches)
 
 
+# name: (pipeline, the shards' members)
 PIPELINES = {
-    "allinone.data.stream (Ray Data)": ray_stream,
-    f"allinone.data.stream, {MULTI_CROP} crops per pair": functools.partial(
-        ray_stream, crops=MULTI_CROP
+    "allinone.data.stream (Ray Data)": (ray_stream, "png"),
+    "allinone.data.stream, npy members": (ray_stream, "npy"),
+    f"allinone.data.stream, {MULTI_CROP} crops per pair": (
+        functools.partial(ray_stream, crops=MULTI_CROP),
+        "png",
     ),
-    "plain WebDataset + DataLoader": plain_loader,
-    "stock ray.data.read_webdataset": stock_ray,
+    "plain WebDataset + DataLoader": (plain_loader, "png"),
+    "plain WebDataset + DataLoader, npy members": (plain_loader, "npy"),
+    "stock ray.data.read_webdataset": (stock_ray, "png"),
 }
 BASELINE = "plain WebDataset + DataLoader"
+FED = [name for name in PIPELINES if not name.startswith("stock")]  # pipelines of table 2
 
 
 # --------------------------------------------------------------------------- throughput
@@ -273,7 +280,13 @@ def main() -> None:
     from allinone.curriculum.run import start_ray
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
-        tasks = build_task_shards(Path(scratch), args.photos, args.variants, args.samples_per_shard)
+        shards = {
+            members: build_task_shards(
+                Path(scratch), args.photos, args.variants, args.samples_per_shard, members
+            )
+            for members in ("png", "npy")
+        }
+        tasks = shards["png"]
         start_ray(None)
         print(
             f"data pipelines: {len(tasks)} tasks, {sum(len(t.urls) for t in tasks)} shards, "
@@ -282,13 +295,14 @@ def main() -> None:
             f"threads; {load_note()}\n"
         )
         cold = {
-            name: throughput(make, tasks, args.crop, 4 * BATCH)["first"]
-            for name, make in PIPELINES.items()
+            name: throughput(make, shards[members], args.crop, 4 * BATCH)["first"]
+            for name, (make, members) in PIPELINES.items()
         }  # warm-up: Ray starts its worker processes
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in PIPELINES}
         for r in range(args.repeats):
             for name in PIPELINES if r % 2 == 0 else reversed(PIPELINES):
-                runs[name].append(throughput(PIPELINES[name], tasks, args.crop, args.samples))
+                make, members = PIPELINES[name]
+                runs[name].append(throughput(make, shards[members], args.crop, args.samples))
         med = {
             name: {k: statistics.median(run[k] for run in results) for k in results[0]}
             for name, results in runs.items()
@@ -328,10 +342,13 @@ def main() -> None:
             )
         )
 
-        loops = {"in-memory batch (no pipeline)": None, **dict(list(PIPELINES.items())[:3])}
+        loops = {"in-memory batch (no pipeline)": (None, "png")}
+        loops |= {name: PIPELINES[name] for name in FED}
         results = {
-            name: training_wait(make, tasks, args.crop, args.steps, args.warmup, args.stage_samples)
-            for name, make in loops.items()
+            name: training_wait(
+                make, shards[members], args.crop, args.steps, args.warmup, args.stage_samples
+            )
+            for name, (make, members) in loops.items()
         }
         alone = results["in-memory batch (no pipeline)"]
         rows = [

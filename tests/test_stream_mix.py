@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from allinone.config import load_task
+from allinone.data.members import decode_rgb8
 from allinone.data.shards import BuildRequest, build_shards, iter_tar_samples
 from allinone.data.stream import (
     RampingShuffleBuffer,
     StreamPlan,
     TaskShards,
     augment,
-    decode_rgb8,
     group_reads,
     plan_reads,
     planned_crops,

@@ -28,7 +28,13 @@ from allinone.config.pipeline import (
     check_model,
 )
 from allinone.config.study import apply_values, max_curriculum_steps, validation_metric_names
-from allinone.config.task import BenchmarkSet, SplitConfig, TaskConfig, load_task
+from allinone.config.task import (
+    BenchmarkSet,
+    MemberFormat,
+    SplitConfig,
+    TaskConfig,
+    load_task,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -40,6 +46,7 @@ __all__ = [
     "DataSection",
     "EvalSection",
     "FewShotSection",
+    "MemberFormat",
     "ModelSection",
     "Pipeline",
     "PipelineConfig",

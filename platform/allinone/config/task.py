@@ -11,6 +11,8 @@ from allinone.config.loading import Strict, check_variables, load_yaml, validate
 from allinone.data import degradations
 
 TASK_NAME = r"^[a-z][a-z0-9_]*$"
+# How a shard stores a sample's two images (allinone.data.members): PNG, or raw uint8 .npy arrays
+MemberFormat = Literal["png", "npy"]
 
 
 # --------------------------------------------------------------------------- degradation steps
@@ -64,6 +66,9 @@ class SplitConfig(Strict):
     # 90-degree turns among the training crops' augmentations; None: decided by the task
     # (TaskConfig.turns_in_training).
     turns: bool | None = None
+    # png: small and viewable; npy: 1.7x the bytes, decoded 40x faster (benchmarks/shards.py), so
+    # the training stream spends a third of the CPU a crop (benchmarks/data_pipeline.py).
+    members: MemberFormat = "png"
 
 
 class BenchmarkSet(Strict):

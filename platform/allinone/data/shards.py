@@ -1,7 +1,8 @@
 """WebDataset shards per task: build them from a task config, verify them, resume a broken build.
 
 A sample is ``{__key__, lq.png, gt.png, json}`` (json: task, split, params used, source file,
-conversions). Members are written sorted by key, the adjacency Ray's reader relies on. Each shard
+conversions), or holds ``lq.npy, gt.npy`` where the split's ``members`` says so (see
+``members``). Members are written sorted by key, the adjacency Ray's reader relies on. Each shard
 is written under a temporary name and renamed only when complete (in object storage: uploaded
 whole under its name, see ``storage``); ``manifest.json`` is rewritten atomically after every
 finished shard with ``complete: false`` until the last, so an interrupted build resumes by keeping
@@ -33,7 +34,8 @@ from allinone.base.processes import exit_with_parent
 from allinone.config import DEFAULT_MAX_PIXELS, TaskConfig
 from allinone.data import degradations as degradations
 from allinone.data import storage
-from allinone.data.images import ImageReadError, LoadedImage, decode_image_bytes, encode_png
+from allinone.data.images import ImageReadError, LoadedImage
+from allinone.data.members import decode_pair_float, encode_member, member_names
 from allinone.data.sources import Refused, SourceItem, clean_items, load_clean, paired_items
 from allinone.data.storage import StoragePath
 
@@ -146,9 +148,10 @@ def make_sample(request: BuildRequest, spec: SampleSpec, cache: _ImageCache) -> 
         "level": spec.level,
         "conversions": conversions,
     }
+    lq_name, gt_name = member_names(split.members)
     return {
-        "lq.png": encode_png(lq),
-        "gt.png": encode_png(gt),
+        lq_name: encode_member(lq, split.members),
+        gt_name: encode_member(gt, split.members),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
 
@@ -587,13 +590,11 @@ def _verify_shard(path: StoragePath, record: dict[str, Any], problems: list[str]
 
 
 def _check_pair(path: Path, key: str, members: dict[str, bytes], problems: list[str]) -> None:
-    missing = {"lq.png", "gt.png", "json"} - set(members)
-    if missing:
-        problems.append(f"{path}: sample {key} lacks {sorted(missing)}")
+    if "json" not in members:
+        problems.append(f"{path}: sample {key} lacks ['json']")
         return
     try:
-        lq = decode_image_bytes(members["lq.png"], f"{path}:{key}.lq.png")
-        gt = decode_image_bytes(members["gt.png"], f"{path}:{key}.gt.png")
+        lq, gt = decode_pair_float(members, f"{path}:{key}")
     except ImageReadError as err:
         problems.append(str(err))
         return

@@ -16,7 +16,6 @@ tasks, so the first batch waits for neither (``group_reads``).
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
 from collections.abc import Iterator
@@ -24,10 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from allinone.data import storage
-from allinone.data.images import decode_image_bytes, to_uint8
+from allinone.data.members import decode_member, member_size, pixel_pair
 from allinone.data.shards import iter_tar_samples, read_manifest, shard_urls
 from allinone.data.storage import StoragePath
 
@@ -38,7 +36,6 @@ READ_AHEAD_SHARDS = 16  # crops of this many whole shards cut ahead; see read_ah
 BLOCK_ROWS = 64
 MAX_READS_PER_TASK = 4  # see group_reads
 FIRST_READ_PARTS = 8  # see group_reads
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -127,9 +124,9 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
     its samples, each decoded once, randomly cropped, mirrored and turned, as uint8 HxWx3.
     Yielded as they are cut, so Ray Data can send a block on before the whole read is done.
 
-    A sample's windows are drawn from its PNG header before it is decoded, and only the rows down
-    to the lowest window's last are decoded (``decode_rgb8``): PNG rows decode in order, and a
-    96 px window of a 256 px image needs 69% of its rows on average."""
+    A sample's windows are drawn from its header before it is decoded, and only the rows down to
+    the lowest window's last are decoded (``members.decode_member``): PNG rows decode in order,
+    and a 96 px window of a 256 px image needs 69% of its rows on average."""
     crops, rng = planned_crops(read)
     last = max(crops, default=-1)
     for index, (key, members) in enumerate(iter_tar_samples(storage.path(read["url"]))):
@@ -137,13 +134,14 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
             break
         if index not in crops:
             continue
-        name = f"{read['url']}:{key}"
-        height, width = image_size(members["lq.png"], name)
+        pair = pixel_pair(members, f"{read['url']}:{key}")
+        lq_name, gt_name = pair.names(f"{read['url']}:{key}")
+        height, width = member_size(pair.lq, pair.format, lq_name)
         padded = max(height, crop), max(width, crop)
         windows = [draw_window(*padded, crop, rng, read["turns"]) for _ in range(crops[index])]
         rows = max(window.top for window in windows) + crop
-        lq = pad_to(decode_rgb8(members["lq.png"], name, rows), crop)
-        gt = pad_to(decode_rgb8(members["gt.png"], name, rows), crop)
+        lq = pad_to(decode_member(pair.lq, pair.format, lq_name, rows), crop)
+        gt = pad_to(decode_member(pair.gt, pair.format, gt_name, rows), crop)
         for window in windows:
             lq_crop, gt_crop = window.cut(lq, crop), window.cut(gt, crop)
             yield {"lq": lq_crop, "gt": gt_crop, "task_id": read["task_id"]}
@@ -207,55 +205,6 @@ def _kept_indices(samples: int, limit: int, rng: np.random.Generator) -> set[int
     if limit >= samples:
         return set(range(samples))
     return {int(i) for i in rng.choice(samples, size=limit, replace=False)}
-
-
-def image_size(data: bytes, name: str) -> tuple[int, int]:
-    """A shard member's (height, width), read from its header without decoding it."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        image = decode_rgb8(data, name)  # raises the error that names the member, or decodes
-        return image.shape[0], image.shape[1]
-
-
-def decode_rgb8(data: bytes, name: str, rows: int | None = None) -> np.ndarray:
-    """A shard member as uint8 HxWx3, or only its first ``rows`` rows where it can stop there.
-
-    Shards hold 8-bit RGB PNGs (``encode_png``): those decode straight to uint8, skipping the float
-    image, which cost about 1 of every 6 ms a sample took (benchmarks/data_pipeline.py). Anything
-    else takes the general path, whole; both give equal pixels."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.mode == "RGB" and _upright(image, data):
-                if rows is not None and rows < image.height:
-                    _stop_after_rows(image, rows)
-                return np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        pass  # the general path raises the error that names the member
-    return to_uint8(decode_image_bytes(data, name))
-
-
-def _upright(image: Image.Image, data: bytes) -> bool:
-    """No EXIF orientation to apply. A PNG's EXIF chunk (eXIf) may follow its pixels, and Pillow
-    decodes the whole image to look for one; a PNG without the chunk's name among its bytes has
-    none, and may be decoded in part."""
-    if image.format == "PNG" and b"eXIf" not in data:
-        return True
-    return image.getexif().get(EXIF_ORIENTATION) in (None, 1)
-
-
-def _stop_after_rows(image: Image.Image, rows: int) -> None:
-    """Have Pillow decode a non-interlaced PNG's first ``rows`` rows only: its decoder fills the
-    one tile it is given row by row and ignores the data left over. Any other image is left as
-    it is, to decode whole."""
-    if image.format != "PNG" or image.info.get("interlace") or len(image.tile) != 1:
-        return
-    (tile,) = image.tile
-    if tuple(tile.extents) != (0, 0, image.width, image.height):
-        return
-    image.tile = [tile._replace(extents=(0, 0, image.width, rows))]
-    image._size = (image.width, rows)
 
 
 def pad_to(image: np.ndarray, size: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from allinone.data import storage
-from allinone.data.images import decode_image_bytes
+from allinone.data.members import decode_pair_float
 from allinone.data.shards import iter_tar_samples, shard_urls
 from allinone.data.storage import StoragePath
 from allinone.evaluate.metrics import psnr, restore_tiled, ssim, to_image, to_tensor
@@ -144,11 +144,7 @@ def test_pairs(folder: StoragePath, task: str, limit: int | None = None) -> Iter
             if limit is not None and count >= limit:
                 return
             count += 1
-            yield (
-                key,
-                decode_image_bytes(members["lq.png"], f"{url}:{key}"),
-                decode_image_bytes(members["gt.png"], f"{url}:{key}"),
-            )
+            yield (key, *decode_pair_float(members, f"{url}:{key}"))
 
 
 @torch.no_grad()

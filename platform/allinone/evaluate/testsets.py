@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from allinone.config import BenchmarkSet, SplitConfig, TaskConfig, resolve_source, validate
-from allinone.data.images import decode_image_bytes, is_image_file
+from allinone.data.images import is_image_file
+from allinone.data.members import decode_pair_float
 from allinone.data.shards import BuildRequest, SampleSpec, encode_samples, plan_samples
 from allinone.data.sources import (
     LAYOUT_FOLDERS,
@@ -320,11 +321,7 @@ def _loader(request: BuildRequest, specs: list[SampleSpec]) -> Callable[[int | N
         for spec, members in zip(chosen, encode_samples(request, chosen), strict=True):
             if isinstance(members, Exception):
                 raise members
-            yield (
-                spec.key,
-                decode_image_bytes(members["lq.png"], f"{spec.key}.lq.png"),
-                decode_image_bytes(members["gt.png"], f"{spec.key}.gt.png"),
-            )
+            yield (spec.key, *decode_pair_float(members, spec.key))
 
     return load
 
