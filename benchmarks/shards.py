@@ -13,6 +13,11 @@ Builds alternate 1, 2, 2, 1, ... so drift in machine load hits both alike; media
 One untimed build per worker count comes first: the first build pays for cold photo reads and
 lazy imports (seen here: 5x slower), which would otherwise count against whichever ran first.
 Also checks that both worker counts write byte-identical shards.
+
+Last, the two member formats (``train.members``): the same samples built as PNG and as .npy
+members, with bytes a sample on disk, build rate, and the CPU time to decode one member whole
+and to the rows a 96 px training crop needs (``allinone.data.members.decode_member``), each
+format's pass alternated with the other's, median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from _common import CpuWindow, fresh, load_note, photo_folder, table
 from allinone.config import TaskConfig
-from allinone.data.shards import BuildRequest, build_shards
+from allinone.data.members import decode_member, pixel_pair
+from allinone.data.shards import BuildRequest, build_shards, iter_tar_samples
 
 TASK = {
     "name": "bench",
@@ -81,6 +88,48 @@ def measure(
     return rows, digests[1] == digests[2]
 
 
+def member_formats(
+    task: TaskConfig, source: Path, scratch: Path, repeats: int, rows: int = 96
+) -> list[list[object]]:
+    """Each member format's size on disk, build rate and decode CPU, alternated in one run."""
+    built = {}
+    for members in ("png", "npy"):
+        split = task.train.model_copy(update={"members": members})
+        manifest, window = build_once(
+            task.model_copy(update={"train": split}), source, scratch / members, 64, 2
+        )
+        tars = sorted((scratch / members).glob("*.tar"))
+        pairs = [pixel_pair(m, key) for tar in tars for key, m in iter_tar_samples(tar)]
+        size = sum(tar.stat().st_size for tar in tars) / manifest["samples"]
+        built[members] = (pairs, size, manifest["samples"] / window.wall)
+    timed: dict[str, dict[str, list[float]]] = {m: {"whole": [], "rows": []} for m in built}
+    for r in range(repeats):
+        for members in built if r % 2 == 0 else reversed(built):
+            pairs = built[members][0]
+            for part, limit in (("whole", None), ("rows", rows)):
+                start = time.process_time()
+                for pair in pairs:
+                    decode_member(pair.lq, pair.format, "lq", limit)
+                    decode_member(pair.gt, pair.format, "gt", limit)
+                timed[members][part].append((time.process_time() - start) / (2 * len(pairs)))
+    base = {part: statistics.median(timed["png"][part]) for part in ("whole", "rows")}
+    table_rows = []
+    for members, (_, size, rate) in built.items():
+        whole, top = (statistics.median(timed[members][p]) for p in ("whole", "rows"))
+        table_rows.append(
+            [
+                members,
+                f"{size / 1024:.0f}",
+                f"{size / built['png'][1]:.2f}x",
+                rate,
+                f"{1000 * whole:.3f}",
+                f"{1000 * top:.3f}",
+                f"{base['rows'] / top:.0f}x",
+            ]
+        )
+    return table_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=64, help="at most 80 in the folder")
@@ -132,6 +181,21 @@ def main() -> None:
                     rows,
                 )
             )
+        print("\nmember formats (64 samples per shard, 2 workers)\n")
+        print(
+            table(
+                [
+                    "members",
+                    "KiB/sample",
+                    "vs png",
+                    "build samples/s",
+                    "decode CPU ms/member, whole",
+                    "to row 96",
+                    "png / this",
+                ],
+                member_formats(task, source, scratch, args.repeats),
+            )
+        )
 
 
 if __name__ == "__main__":
