@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/data_pipeline.py [--quick] [--samples 2000] [--crop 96] [--steps 30]
 
 Builds three tasks' shards (denoise, deblur, derain from tasks/*.yaml) from the clean photos in
-../shared/data/train/CSun_Hays80, then streams batches of 8 random crops (decode, crop, flip,
-90-degree turn) four ways, each with 2 processes doing the data work where it can say so:
+../shared/data/train/CSun_Hays80, once with PNG members and once with .npy members, then streams
+batches of 8 random crops (decode, crop, flip, 90-degree turn) six ways, each with 2 processes
+doing the data work where it can say so:
 
 - ``allinone.data.stream``: ``training_dataset(StreamPlan)`` (Ray tasks of a few shard reads
   each) iterated through ``shuffled_batches`` with the stage's ``shuffle_buffer_rows``, as a lone
@@ -12,6 +13,8 @@ Builds three tasks' shards (denoise, deblur, derain from tasks/*.yaml) from the 
 - the same with ``crops_per_sample=4`` (``data.crops_per_sample``): four random crops cut from each
   decoded pair, the decode (most of a sample's CPU) shared by four samples;
 - plain: ``webdataset.WebDataset(urls)`` + ``torch.utils.data.DataLoader(num_workers=2)``;
+- the stream and the plain loader again on the same samples built with ``.npy`` members
+  (``train.members: npy``, as the tasks' training splits are): no PNG decode at all;
 - stock Ray Data: ``ray.data.read_webdataset(urls)`` + ``map_batches(crop)``, for reference.
 
 Table 1 (one planned pass of about 1.25 x ``--samples``, after an untimed warm-up pass that lets
@@ -22,8 +25,10 @@ per sample of every process
 involved (this process, its DataLoader workers, its Ray session) and cores other processes used.
 Table 2: a training loop on the tiny PromptIR (Adam step per batch) fed by each pipeline planned
 for a whole stage (``--stage-samples``): time blocked in ``next(iterator)`` against compute
-(goal: under 5% of the step for the Ray stream), compute against the same loop on one in-memory
-batch (the data work shares the 2 cores with training), and CPU seconds per step of everything.
+(goal: under 5% of the step for the Ray stream), the step against the same loop on one in-memory
+batch in the same round (the data work shares the 2 cores with training; goal 1.02x; ``--rounds``
+alternate the loops' order, median and each round's ratio printed), and CPU seconds per step of
+everything.
 Ray is started with ``allinone.curriculum.run.start_ray(None)``, as ``allinone run`` starts it.
 """
 
@@ -272,10 +277,11 @@ def main() -> None:
         help="samples the training measurement's stage is planned for",
     )
     parser.add_argument("--repeats", type=int, default=2, help="throughput passes per pipeline")
+    parser.add_argument("--rounds", type=int, default=2, help="training loops per pipeline")
     parser.add_argument("--quick", action="store_true", help="800 samples, 1 repeat, 15 steps")
     args = parser.parse_args()
     if args.quick:
-        args.samples, args.repeats, args.steps, args.warmup = 800, 1, 15, 3
+        args.samples, args.repeats, args.steps, args.warmup, args.rounds = 800, 1, 15, 3, 1
 
     from allinone.curriculum.run import start_ray
 
@@ -290,9 +296,9 @@ def main() -> None:
         start_ray(None)
         print(
             f"data pipelines: {len(tasks)} tasks, {sum(len(t.urls) for t in tasks)} shards, "
-            f"{sum(t.samples for t in tasks)} samples of 256x256 PNG pairs; batch {BATCH}, "
-            f"crop {args.crop}, {WORKERS} worker processes; torch {torch.get_num_threads()} "
-            f"threads; {load_note()}\n"
+            f"{sum(t.samples for t in tasks)} samples of 256x256 pairs (PNG and npy builds); "
+            f"batch {BATCH}, crop {args.crop}, {WORKERS} worker processes; "
+            f"torch {torch.get_num_threads()} threads; {load_note()}\n"
         )
         cold = {
             name: throughput(make, shards[members], args.crop, 4 * BATCH)["first"]
@@ -342,46 +348,54 @@ def main() -> None:
             )
         )
 
-        loops = {"in-memory batch (no pipeline)": (None, "png")}
-        loops |= {name: PIPELINES[name] for name in FED}
-        results = {
-            name: training_wait(
-                make, shards[members], args.crop, args.steps, args.warmup, args.stage_samples
+        print_training_table(args, shards)
+
+
+ALONE = "in-memory batch (no pipeline)"
+
+
+def print_training_table(args: argparse.Namespace, shards: dict[str, list[TaskShards]]) -> None:
+    """Table 2: each pipeline's fed step against the in-memory step of the same round. Rounds
+    run every loop in turn, the order reversed each round, so drift hits all alike; an hour's
+    swing between loops of one round is a few percent, which is what the ratios are about."""
+    loops = {ALONE: (None, "png")} | {name: PIPELINES[name] for name in FED}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in loops}
+    for r in range(args.rounds):
+        for name in loops if r % 2 == 0 else reversed(loops):
+            make, members = loops[name]
+            rounds[name].append(
+                training_wait(
+                    make, shards[members], args.crop, args.steps, args.warmup, args.stage_samples
+                )
             )
-            for name, (make, members) in loops.items()
-        }
-        alone = results["in-memory batch (no pipeline)"]
-        rows = [
+    rows = []
+    for name, results in rounds.items():
+        ratios = [
+            (r["wait"] + r["compute"]) / (alone["wait"] + alone["compute"])
+            for r, alone in zip(results, rounds[ALONE], strict=True)
+        ]
+        mid = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        rows.append(
             [
                 name,
-                f"{1000 * r['wait']:.1f}",
-                f"{1000 * r['compute']:.0f}",
-                f"{100 * r['wait'] / (r['wait'] + r['compute']):.1f}%",
-                f"{r['compute'] / alone['compute']:.2f}x",
-                f"{r['cpu']:.2f}",
-                f"{r['others']:.2f}",
+                f"{1000 * mid['wait']:.1f}",
+                f"{1000 * mid['compute']:.0f}",
+                f"{100 * mid['wait'] / (mid['wait'] + mid['compute']):.1f}%",
+                f"{statistics.median(ratios):.2f}x",
+                " ".join(f"{x:.2f}" for x in ratios),
+                f"{mid['cpu']:.2f}",
+                f"{mid['others']:.2f}",
             ]
-            for name, r in results.items()
-        ]
-        print(
-            f"\ntraining promptir tiny, Adam, batch {BATCH}x3x{args.crop}x{args.crop}, "
-            f"{torch.get_num_threads()} torch threads: means over {args.steps} steps after "
-            f"{args.warmup} warm-up, in a stage planned for {args.stage_samples} samples\n"
         )
-        print(
-            table(
-                [
-                    "pipeline",
-                    "data wait ms/step",
-                    "compute ms/step",
-                    "wait / step",
-                    "compute vs in-memory",
-                    "CPU s/step (all)",
-                    "others' cores",
-                ],
-                rows,
-            )
-        )
+    print(
+        f"\ntraining promptir tiny, Adam, batch {BATCH}x3x{args.crop}x{args.crop}, "
+        f"{torch.get_num_threads()} torch threads: means over {args.steps} steps after "
+        f"{args.warmup} warm-up, in a stage planned for {args.stage_samples} samples; "
+        f"median of {args.rounds} rounds\n"
+    )
+    headers = ["pipeline", "data wait ms/step", "compute ms/step", "wait / step"]
+    headers += ["step vs in-memory", "each round", "CPU s/step (all)", "others' cores"]
+    print(table(headers, rows))
 
 
 if __name__ == "__main__":
