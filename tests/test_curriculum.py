@@ -138,7 +138,7 @@ def test_a_stage_stream_turns_tasks_where_they_may_and_crops_as_asked(
     tasks = tmp_path / "tasks"
     shutil.copytree(REPO / "tasks", tasks)
     dehaze = tasks / "dehaze.yaml"
-    dehaze.write_text(dehaze.read_text().replace("crop: 256}", "crop: 256, turns: false}"))
+    dehaze.write_text(dehaze.read_text().replace("members: npy}", "members: npy, turns: false}"))
     path = tmp_path / "e2e.yaml"
     original = (workdir.parent / "e2e.yaml").read_text()
     path.write_text(
