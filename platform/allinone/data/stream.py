@@ -134,8 +134,9 @@ def read_crops(read: dict[str, Any], crop: int) -> Iterator[dict[str, Any]]:
             break
         if index not in crops:
             continue
-        pair = pixel_pair(members, f"{read['url']}:{key}")
-        lq_name, gt_name = pair.names(f"{read['url']}:{key}")
+        name = f"{read['url']}:{key}"
+        pair = pixel_pair(members, name)
+        lq_name, gt_name = pair.names(name)
         height, width = member_size(pair.lq, pair.format, lq_name)
         padded = max(height, crop), max(width, crop)
         windows = [draw_window(*padded, crop, rng, read["turns"]) for _ in range(crops[index])]
